@@ -1,0 +1,24 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test schedules-plot clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,demo]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m benchmarks.demo_digits
+
+test: $(STAMP)
+	$(PY) -m pytest -q optax_prune tests
+
+schedules-plot: $(STAMP)
+	$(PY) scripts/plot_schedules.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,325 @@
+"""The pruning transformation: masks in the optimizer state, exact zeros after
+``optax.apply_updates``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from optax_prune import _schedules
+from optax_prune import _thresholds
+
+SCOPES = ("layer", "global")
+THRESHOLDS = ("auto",) + _thresholds.METHODS
+# Below this many entries in a group, "auto" uses the sort reference: one small
+# sort beats ~16 passes of the radix search there (see benchmarks/).
+AUTO_SORT_MAX_SIZE = 2048
+
+_NO_PARAMS_MSG = (
+    "`magnitude_pruning` ranks the current parameters, so its `update` needs"
+    " them: call `tx.update(updates, state, params)` (flax `TrainState` and"
+    " `nnx.Optimizer` already do)."
+)
+
+
+class MagnitudePruningState(NamedTuple):
+  """State of :func:`magnitude_pruning`."""
+
+  count: jax.Array  # int32 scalar: optimizer steps taken so far.
+  masks: Any  # Like params: bool arrays (True = kept) for pruned leaves,
+  #              `optax.MaskedNode()` for leaves that are never pruned.
+  target_sparsity: Any  # Like `masks`: float32 scalars, the sparsity of the
+  #                       last mask update of each pruned leaf.
+
+
+class _Plan(NamedTuple):
+  """The static, per-leaf decisions taken from the params' structure."""
+
+  treedef: Any
+  pruned: tuple[bool, ...]  # Per flat leaf.
+  groups: tuple[tuple[int, ...], ...]  # Leaf indices ranked together.
+  group_schedules: tuple[Callable, ...]  # One schedule per group.
+  group_methods: tuple[str, ...]  # Threshold method per group.
+
+
+def _is_schedule_leaf(x) -> bool:
+  return x is None or callable(x) or (
+      isinstance(x, (int, float)) and not isinstance(x, bool)
+  )
+
+
+def _broadcast_prefix(prefix, tree, is_leaf, name):
+  """Values of the prefix tree ``prefix`` repeated over the leaves of ``tree``."""
+  values, prefix_def = jax.tree.flatten(prefix, is_leaf=is_leaf)
+  try:
+    subtrees = prefix_def.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"`{name}` must be a single value or a pytree whose structure is a"
+        f" prefix of the params' structure; they do not match: {e}"
+    ) from e
+  return [v for v, sub in zip(values, subtrees) for _ in jax.tree.leaves(sub)]
+
+
+def _default_where(path, leaf) -> bool:
+  del path
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and jnp.ndim(leaf) >= 2
+
+
+def magnitude_pruning(
+    schedule: Union[_schedules.PruningSchedule, float, Any],
+    *,
+    where: Union[None, Callable[[Any, Any], bool], Any] = None,
+    scope: str = "layer",
+    threshold: str = "auto",
+) -> optax.GradientTransformation:
+  r"""Gradual magnitude pruning as the last link of an optax chain.
+
+  The state holds a step count and a keep-mask per pruned leaf. At a step where
+  the schedule says ``update``, the masks are recomputed from ``|params|``: in
+  each leaf (``scope="layer"``) or over all leaves that share a schedule
+  (``scope="global"``) exactly :math:`\mathrm{round}(s \cdot n)` entries of
+  smallest magnitude are pruned, where :math:`s` is the scheduled sparsity and
+  :math:`n` the number of entries. On every step the updates become
+
+  .. math::
+
+    u' = \begin{cases} u & \text{kept} \\ -p & \text{pruned} \end{cases}
+
+  so that after ``optax.apply_updates`` kept weights are :math:`p + u` and
+  pruned weights are exactly zero: momentum, Adam moments and weight decay
+  earlier in the chain cannot revive them. Like
+  ``optax.keep_params_nonnegative``, it must come last in a chain.
+
+  Args:
+    schedule: a schedule (``step -> PruningTarget``, see
+      :func:`log_schedule`), a sparsity in [0, 1] (pruned once at step 0), or a
+      pytree of those whose structure is a prefix of the params, giving leaves
+      their own schedules; ``None`` in that pytree leaves a subtree unpruned.
+    where: which leaves are pruned. ``None`` (default): floating leaves with
+      ``ndim >= 2`` (kernels, not biases or norm scales). Or a predicate
+      ``where(path, leaf) -> bool`` with ``path`` as in
+      ``jax.tree_util.tree_flatten_with_path``, or a pytree of bools that is a
+      prefix of the params, as in ``optax.masked``.
+    scope: ``"layer"`` ranks each leaf on its own; ``"global"`` ranks all
+      pruned leaves that share a schedule together (one threshold), without
+      concatenating them.
+    threshold: ``"sort"`` (the ``jnp.sort`` reference), ``"bisect"`` (a radix
+      search over the bits of ``|w|`` with fused counting: no sort, no copy of
+      the parameters), or ``"auto"`` (sort for groups of at most
+      ``AUTO_SORT_MAX_SIZE`` entries, bisect above). All give identical masks.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_prune
+    >>> params = {"w": jnp.array([[0.1, -2.0], [0.3, 4.0]]), "b": jnp.ones(2)}
+    >>> tx = optax.chain(optax.sgd(0.0), optax_prune.magnitude_pruning(0.5))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([[ 0., -2.],
+           [ 0.,  4.]], dtype=float32)
+
+  References:
+    Zhu & Gupta, `To prune, or not to prune
+    <https://arxiv.org/abs/1710.01878>`_, 2017; PaddlePaddle's dynamic and
+    static pruning hooks.
+  """
+  if scope not in SCOPES:
+    raise ValueError(f"`scope` must be one of {SCOPES}; got {scope!r}.")
+  if threshold not in THRESHOLDS:
+    raise ValueError(
+        f"`threshold` must be one of {THRESHOLDS}; got {threshold!r}."
+    )
+  schedule_values, schedule_def = jax.tree.flatten(
+      schedule, is_leaf=_is_schedule_leaf
+  )
+  # Check every schedule now, so a bad one never fails inside jit.
+  checked = {}
+  for i, value in enumerate(schedule_values):
+    if value is not None and id(value) not in checked:
+      name = "schedule" if schedule_def.num_leaves == 1 else f"schedule[{i}]"
+      checked[id(value)] = _schedules.check_schedule(name, value)
+  if not callable(where) and where is not None:
+    bad = [
+        w for w in jax.tree.leaves(where) if not isinstance(w, (bool, jnp.bool_))
+    ]
+    if bad:
+      raise ValueError(
+          "`where` must be None, a predicate `(path, leaf) -> bool`, or a"
+          f" pytree of Python bools; it holds {bad[0]!r}."
+      )
+
+  def make_plan(params) -> _Plan:
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in path_leaves]
+    if where is None or callable(where):
+      predicate = where or _default_where
+      chosen = [bool(predicate(path, leaf)) for path, leaf in path_leaves]
+    else:
+      chosen = [bool(w) for w in _broadcast_prefix(where, params, None, "where")]
+    schedules = _broadcast_prefix(schedule, params, _is_schedule_leaf, "schedule")
+    pruned = tuple(c and s is not None for c, s in zip(chosen, schedules))
+    for (path, leaf), is_pruned in zip(path_leaves, pruned):
+      dtype = jnp.result_type(leaf)
+      if is_pruned and not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"`where` selects leaf {jax.tree_util.keystr(path)} of dtype"
+            f" {dtype}, but only floating leaves can be pruned; exclude it"
+            " from `where`."
+        )
+    groups: dict = {}
+    for i, is_pruned in enumerate(pruned):
+      if is_pruned:
+        key = id(schedules[i]) if scope == "global" else i
+        groups.setdefault(key, []).append(i)
+    group_list = tuple(tuple(g) for g in groups.values())
+    methods = []
+    for group in group_list:
+      size = sum(int(jnp.size(leaves[i])) for i in group)
+      if size > _thresholds.MAX_GROUP_SIZE:
+        raise ValueError(
+            f"a pruning group holds {size} entries; at most 2**31 - 1 are"
+            " supported. Use `scope='layer'` or split the leaves."
+        )
+      if threshold == "auto":
+        methods.append("sort" if size <= AUTO_SORT_MAX_SIZE else "bisect")
+      else:
+        methods.append(threshold)
+    return _Plan(
+        treedef=treedef,
+        pruned=pruned,
+        groups=group_list,
+        group_schedules=tuple(checked[id(schedules[g[0]])] for g in group_list),
+        group_methods=tuple(methods),
+    )
+
+  def init_fn(params):
+    plan = make_plan(params)
+    leaves = plan.treedef.flatten_up_to(params)
+    masks = [
+        jnp.ones(jnp.shape(x), jnp.bool_) if p else optax.MaskedNode()
+        for x, p in zip(leaves, plan.pruned)
+    ]
+    targets = [
+        jnp.zeros((), jnp.float32) if p else optax.MaskedNode()
+        for p in plan.pruned
+    ]
+    return MagnitudePruningState(
+        count=jnp.zeros((), jnp.int32),
+        masks=plan.treedef.unflatten(masks),
+        target_sparsity=plan.treedef.unflatten(targets),
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(_NO_PARAMS_MSG)
+    plan = make_plan(params)
+    masks = _flatten_like(state.masks, plan, "state.masks")
+    targets = _flatten_like(state.target_sparsity, plan, "state.target_sparsity")
+    param_leaves = plan.treedef.flatten_up_to(params)
+    try:
+      update_leaves = plan.treedef.flatten_up_to(updates)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          f"`updates` must have the structure of `params`: {e}"
+      ) from e
+
+    # One `lax.cond` per schedule: its groups are recomputed together.
+    by_schedule: dict = {}
+    for group, schedule, method in zip(
+        plan.groups, plan.group_schedules, plan.group_methods
+    ):
+      by_schedule.setdefault(id(schedule), (schedule, []))[1].append(
+          (group, method)
+      )
+    for schedule, jobs in by_schedule.values():
+      target = schedule(state.count)
+      sparsity = jnp.asarray(target.sparsity, jnp.float32)
+      indices = [i for group, _ in jobs for i in group]
+
+      def recompute(jobs=jobs, sparsity=sparsity):
+        new = []
+        for group, method in jobs:
+          group_params = [param_leaves[i] for i in group]
+          new += _thresholds.keep_masks(group_params, sparsity, method)
+        return new, [sparsity] * len(new)
+
+      old = ([masks[i] for i in indices], [targets[i] for i in indices])
+      new_masks, new_targets = lax.cond(
+          target.update, recompute, lambda old=old: old
+      )
+      for i, m, t in zip(indices, new_masks, new_targets):
+        masks[i], targets[i] = m, t
+
+    new_updates = [
+        jnp.where(m, u, -p.astype(jnp.result_type(u))) if pruned else u
+        for u, p, m, pruned in zip(update_leaves, param_leaves, masks, plan.pruned)
+    ]
+    new_state = MagnitudePruningState(
+        count=optax.safe_int32_increment(state.count),
+        masks=plan.treedef.unflatten(masks),
+        target_sparsity=plan.treedef.unflatten(targets),
+    )
+    return plan.treedef.unflatten(new_updates), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _flatten_like(tree, plan: _Plan, name: str) -> list:
+  """Flattens a state field built by ``init`` for params of ``plan``."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=is_masked)
+  expected = [not p for p in plan.pruned]
+  if treedef.num_leaves != plan.treedef.num_leaves or [
+      is_masked(x) for x in leaves
+  ] != expected:
+    raise ValueError(
+        f"`params` do not match the pruning state: {name} was built by `init`"
+        " for params of another structure. Call `tx.init(params)` with the"
+        " params you update."
+    )
+  return leaves
+
+
+def find_pruning_state(opt_state) -> MagnitudePruningState:
+  """Finds the :class:`MagnitudePruningState` inside a (chained) optimizer state.
+
+  Works on the states of ``optax.chain``, ``optax.inject_hyperparams``, flax
+  ``TrainState.opt_state`` and ``nnx.Optimizer.opt_state``.
+
+  Args:
+    opt_state: any optimizer state pytree.
+
+  Returns:
+    The single pruning state found.
+
+  Raises:
+    ValueError: if there is none, or more than one.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_prune
+    >>> tx = optax.chain(optax.adam(1e-3), optax_prune.magnitude_pruning(0.5))
+    >>> state = tx.init({"w": jnp.ones((2, 2))})
+    >>> int(optax_prune.find_pruning_state(state).count)
+    0
+  """
+  found = [
+      x
+      for x in jax.tree.leaves(
+          opt_state, is_leaf=lambda x: isinstance(x, MagnitudePruningState)
+      )
+      if isinstance(x, MagnitudePruningState)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        "`opt_state` must hold exactly one MagnitudePruningState (from"
+        f" `optax_prune.magnitude_pruning`); found {len(found)}."
+    )
+  return found[0]
