@@ -27,7 +27,8 @@ class SparsitySummary(NamedTuple):
   size: int
   zeros: int
   pruned: Optional[int]
-  sparsity: float
+  sparsity: float  # Over all leaves: pruned (or zeros, without masks) / size.
+  masked_sparsity: Optional[float]  # Over the leaves that have masks only.
 
   def __str__(self) -> str:
     header = ("path", "shape", "size", "zeros", "pruned", "sparsity")
@@ -41,14 +42,22 @@ class SparsitySummary(NamedTuple):
          "-" if self.pruned is None else str(self.pruned),
          f"{self.sparsity:.2%}")
     )
+    if self.masked_sparsity is not None:
+      masked = [r for r in self.rows if r.pruned is not None]
+      lines.append(
+          ("masked leaves", "", str(sum(r.size for r in masked)),
+           str(sum(r.zeros for r in masked)), str(self.pruned),
+           f"{self.masked_sparsity:.2%}")
+      )
     widths = [max(len(c) for c in col) for col in zip(header, *lines)]
     fmt = lambda cells: "  ".join(
         c.ljust(w) if i < 2 else c.rjust(w)
         for i, (c, w) in enumerate(zip(cells, widths))
     )
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule] + [fmt(l) for l in lines[:-1]]
-                     + [rule, fmt(lines[-1])])
+    body = [fmt(l) for l in lines[:len(self.rows)]]
+    totals = [fmt(l) for l in lines[len(self.rows):]]
+    return "\n".join([fmt(header), rule] + body + [rule] + totals)
 
 
 def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
@@ -77,13 +86,22 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
   if masks is None:
     mask_leaves = [None] * len(path_leaves)
   else:
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)
     try:
       mask_leaves = treedef.flatten_up_to(masks)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          "`masks` must have the structure of `tree`, as the pruning state's"
-          f" `masks` have for the params: {e}"
-      ) from e
+    except (ValueError, TypeError):
+      # Same leaves under wrapper nodes (an `nnx.State` of `Param`s beside
+      # the pure dicts of the optimizer state): pair them by path prefix.
+      mask_paths = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masked)[0]
+      mask_leaves = [m for _, m in mask_paths]
+      if len(mask_paths) != len(path_leaves) or not all(
+          jax.tree_util.keystr(path).startswith(jax.tree_util.keystr(mask_path))
+          for (mask_path, _), (path, _) in zip(mask_paths, path_leaves)
+      ):
+        raise ValueError(
+            "`masks` must have the structure of `tree`, as the pruning state's"
+            " `masks` have for the params."
+        ) from None
     mask_leaves = [
         None if isinstance(m, optax.MaskedNode) else m for m in mask_leaves
     ]
@@ -109,7 +127,12 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
   # With masks, only masked-out entries count as pruned, in every leaf.
   pruned = None if masks is None else sum(r.pruned or 0 for r in rows)
   counted = zeros if pruned is None else pruned
+  masked_size = sum(r.size for r in rows if r.pruned is not None)
+  masked_sparsity = None
+  if masks is not None:
+    masked_sparsity = pruned / masked_size if masked_size else 0.0
   return SparsitySummary(
       rows=tuple(rows), size=size, zeros=zeros, pruned=pruned,
       sparsity=counted / size if size else 0.0,
+      masked_sparsity=masked_sparsity,
   )

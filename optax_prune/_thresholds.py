@@ -127,19 +127,22 @@ def _radix_select(count_below, k: jax.Array, bits: int, radix_bits: int):
 
   ``count_below`` must be non-decreasing in ``t``; it is called with a vector
   of candidates and returns their counts. For ``k >= 1`` the result is the
-  k-th smallest key (1-based) in the counted set.
+  k-th smallest key (1-based) in the counted set. Each round decides
+  ``radix_bits`` bits, most significant first, in a ``fori_loop`` (a small
+  program that compiles fast whatever the number of rounds).
   """
-  found = jnp.uint32(0)
-  done = 0
-  while done < bits:  # Static loop: the number of rounds depends on dtypes only.
-    step = min(radix_bits, bits - done)
-    low = bits - done - step  # Lowest bit decided this round.
-    digits = jnp.arange(1, 2**step, dtype=jnp.uint32)
+  rounds = -(-bits // radix_bits)
+  digits = jnp.arange(1, 2**radix_bits, dtype=jnp.uint32)
+
+  def one_round(r, found):
+    low = jnp.maximum(bits - (r + 1) * radix_bits, 0).astype(jnp.uint32)
+    width = (bits - r * radix_bits) - low.astype(jnp.int32)  # Last round: fewer.
+    allowed = digits < (jnp.uint32(1) << width.astype(jnp.uint32))
     candidates = found | (digits << low)
-    below = count_below(candidates) < k
-    found = found | (jnp.sum(below, dtype=jnp.uint32) << low)
-    done += step
-  return found
+    below = (count_below(candidates) < k) & allowed
+    return found | (jnp.sum(below, dtype=jnp.uint32) << low)
+
+  return lax.fori_loop(0, rounds, one_round, jnp.uint32(0))
 
 
 def _ties_to_prune(equal_counts, remaining):
@@ -249,17 +252,26 @@ def masks_by_sort(
 
 
 def keep_masks(
-    leaves: Sequence[jax.Array], sparsity: jax.Array, method: str
+    leaves: Sequence[jax.Array], sparsity: jax.Array, method: str = "bisect"
 ) -> list[jax.Array]:
   """Keep-masks for ``leaves`` pruned together to ``sparsity`` by ``method``.
+
+  Exactly ``round(sparsity * n)`` of the ``n`` entries are pruned: smallest
+  magnitude first, zeros before everything, NaN and inf last, ties by position
+  (see the module docstring). Usable under ``jax.jit`` with a traced sparsity.
 
   Args:
     leaves: floating arrays ranked together (one leaf: layer scope).
     sparsity: float32 scalar; clipped to [0, 1], NaN counts as 0.
-    method: one of ``METHODS``.
+    method: ``"bisect"`` (fast) or ``"sort"`` (reference); same masks.
 
   Returns:
     One bool array per leaf, True where the entry is kept.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_prune
+    >>> optax_prune.keep_masks([jnp.array([0.5, -3.0, 0.0, 2.0])], 0.5)
+    [Array([False,  True, False,  True], dtype=bool)]
   """
   sparsity = jnp.asarray(sparsity, jnp.float32)
   sparsity = jnp.where(jnp.isnan(sparsity), 0.0, jnp.clip(sparsity, 0.0, 1.0))

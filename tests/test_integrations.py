@@ -1,0 +1,99 @@
+"""optax_prune inside flax: linen `TrainState` and `nnx.Optimizer`, jitted."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax.training import train_state
+
+import optax_prune
+from tests import reference
+
+SCHEDULE = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=20, frequency=5)
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  return jnp.asarray(rng.standard_normal((32, 12)), jnp.float32), jnp.asarray(rng.integers(0, 3, 32))
+
+
+def _loss(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+class LinenMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(16)(x)))
+
+
+def test_linen_train_state_prunes_exactly_and_compiles_once():
+  x, y = _data()
+  model = LinenMLP()
+  params = model.init(jax.random.key(0), x)["params"]
+  tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), optax_prune.magnitude_pruning(SCHEDULE))
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  traces = []
+
+  @jax.jit
+  def step(state):
+    traces.append(1)
+    grads = jax.grad(lambda p: _loss(state.apply_fn({"params": p}, x), y))(state.params)
+    return state.apply_gradients(grads=grads)
+
+  for t in range(30):
+    before = state.params
+    state = step(state)
+    pstate = optax_prune.find_pruning_state(state.opt_state)
+    if bool(SCHEDULE(t).update):
+      for name in ("Dense_0", "Dense_1"):
+        expected = reference.keep_masks([np.asarray(before[name]["kernel"])], SCHEDULE(t).sparsity)[0]
+        np.testing.assert_array_equal(pstate.masks[name]["kernel"], expected)
+    for name in ("Dense_0", "Dense_1"):
+      kernel = np.asarray(state.params[name]["kernel"])
+      assert np.all(kernel[~np.asarray(pstate.masks[name]["kernel"])] == 0.0)
+  assert len(traces) == 1
+  summary = optax_prune.sparsity_summary(state.params, pstate.masks)
+  assert summary.masked_sparsity == (round(0.8 * 192) + round(0.8 * 48)) / 240
+
+
+class NNXMLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(12, 16, rngs=rngs)
+    self.out = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
+
+
+def test_nnx_optimizer_prunes_exactly_under_nnx_jit():
+  x, y = _data()
+  model = NNXMLP(nnx.Rngs(0))
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), optax_prune.magnitude_pruning(SCHEDULE))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  traces = []
+
+  @nnx.jit
+  def step(model, optimizer):
+    traces.append(1)
+    grads = nnx.grad(lambda m: _loss(m(x), y))(model)
+    optimizer.update(model, grads)
+
+  for t in range(30):
+    before = np.asarray(model.hidden.kernel[...])
+    step(model, optimizer)
+    pstate = optax_prune.find_pruning_state(nnx.as_pure(optimizer.opt_state))
+    mask = np.asarray(pstate.masks["hidden"]["kernel"])
+    if bool(SCHEDULE(t).update):
+      np.testing.assert_array_equal(mask, reference.keep_masks([before], SCHEDULE(t).sparsity)[0])
+    assert np.all(np.asarray(model.hidden.kernel[...])[~mask] == 0.0)
+  assert len(traces) == 1
+  params = nnx.state(model, nnx.Param)
+  summary = optax_prune.sparsity_summary(params, pstate.masks)
+  paths = [r.path for r in summary.rows]
+  assert any("hidden" in p and "kernel" in p for p in paths)
+  assert summary.masked_sparsity == (round(0.8 * 192) + round(0.8 * 48)) / 240

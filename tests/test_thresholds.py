@@ -1,0 +1,144 @@
+"""Masks against the NumPy reference: exact counts, ties, zeros, NaN, dtypes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fractions import Fraction
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from optax_prune import _thresholds
+from tests import reference
+
+pytestmark = pytest.mark.usefixtures("strict_promotion")
+
+METHODS = _thresholds.METHODS
+
+
+# One jitted function per method, so equal shapes reuse one compilation.
+_JITTED = {
+    method: jax.jit(functools.partial(_thresholds.keep_masks, method=method))
+    for method in METHODS
+}
+
+
+def _masks(leaves, sparsity, method):
+  xs = [jnp.asarray(x) for x in leaves]
+  return [np.asarray(m) for m in _JITTED[method](xs, np.float32(sparsity))]
+
+
+def _assert_matches_reference(leaves, sparsity):
+  expected = reference.keep_masks(leaves, sparsity)
+  for method in METHODS:
+    got = _masks(leaves, sparsity, method)
+    for g, e in zip(got, expected):
+      np.testing.assert_array_equal(g, e, err_msg=f"method={method}")
+
+
+# Small integers make ties frequent; specials cover zeros of both signs, inf, NaN.
+_tie_heavy = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, 0.5, -0.5])
+_special = st.sampled_from([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -3e38])
+_values = st.one_of(
+    _tie_heavy, _special, st.floats(-1e3, 1e3, width=32, allow_subnormal=True)
+)
+_shapes = hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=6)
+_dtypes = st.sampled_from([np.float32, jnp.bfloat16, np.float16])
+
+
+@given(
+    x=hnp.arrays(np.float32, _shapes, elements=_values),
+    sparsity=st.floats(0.0, 1.0, width=32),
+    dtype=_dtypes,
+)
+def test_layer_masks_match_reference(x, sparsity, dtype):
+  x = np.asarray(jnp.asarray(x).astype(dtype))
+  _assert_matches_reference([x], sparsity)
+
+
+@settings(max_examples=40)
+@given(
+    leaves=st.lists(hnp.arrays(np.float32, _shapes, elements=_values), max_size=3),
+    sparsity=st.floats(0.0, 1.0, width=32),
+)
+def test_global_masks_match_reference(leaves, sparsity):
+  _assert_matches_reference(leaves, sparsity)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("fill", [0.0, 1.0, -2.5])
+def test_all_equal_weights_prune_exact_count_lowest_index_first(method, sparsity, fill):
+  x = np.full((13, 7), fill, np.float32)
+  mask = _masks([x], sparsity, method)[0]
+  k = reference.prune_count(sparsity, x.size)
+  assert (~mask).sum() == k
+  # Ties go by flat index: the first k entries are the pruned ones.
+  np.testing.assert_array_equal(mask.reshape(-1), np.arange(x.size) >= k)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zeros_are_pruned_first_and_non_finite_last(method):
+  x = np.array([[3.0, 0.0, -np.inf, np.nan], [-0.0, 1.0, 2.0, -4.0]], np.float32)
+  # Order by magnitude: 0, -0, 1, 2, 3, -4, -inf, nan.
+  for k, kept in [(2, 6), (6, 2), (7, 1)]:
+    mask = _masks([x], k / x.size, method)[0]
+    assert mask.sum() == kept
+  mask = _masks([x], 7 / x.size, method)[0]
+  assert mask[0, 3] and mask.sum() == 1  # NaN survives longest.
+
+
+@pytest.mark.parametrize(
+    "n", [0, 1, 2, 3, 7, 1000, 2**24 - 1, 2**24 + 3, 123_456_789, 2**31 - 1]
+)
+@pytest.mark.parametrize(
+    "sparsity", [0.0, 1e-9, 0.1234567, 0.3, 0.5, 0.75, 0.9, 0.99, 0.999999, 1.0]
+)
+def test_prune_count_is_exact_round_half_even(n, sparsity):
+  expected = round(Fraction(float(np.float32(sparsity))) * n)
+  assert int(_thresholds.prune_count(np.float32(sparsity), n)) == expected
+
+
+@given(
+    n=st.integers(0, 2**31 - 1),
+    sparsity=st.floats(0.0, 1.0, width=32, allow_subnormal=True),
+)
+def test_prune_count_property(n, sparsity):
+  assert int(_thresholds.prune_count(np.float32(sparsity), n)) == (
+      reference.prune_count(sparsity, n)
+  )
+
+
+def test_prune_count_exact_halves():
+  # s * n == j + 1/2 exactly: Python's round sends these to the even neighbour.
+  for n in (1, 3, 5, 7, 9, 2**20 + 1):
+    assert int(_thresholds.prune_count(np.float32(0.5), n)) == round(n / 2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_out_of_range_sparsity_is_clipped_and_nan_prunes_nothing(method):
+  x = np.arange(10, dtype=np.float32)
+  assert _masks([x], 1.5, method)[0].sum() == 0
+  assert _masks([x], -0.5, method)[0].sum() == 10
+  assert _masks([x], float("nan"), method)[0].sum() == 10
+
+
+def test_methods_agree_on_large_gaussian_leaves():
+  rng = np.random.default_rng(0)
+  leaves = [rng.standard_normal(s).astype(np.float32) for s in [(300, 200), (5000,), (64, 3, 3, 3)]]
+  leaves[0][::7] = 0.0  # A block of ties at zero.
+  for s in (0.1, 0.5, 0.9):
+    expected = reference.keep_masks(leaves, s)
+    for method in METHODS:
+      for g, e in zip(_masks(leaves, s, method), expected):
+        np.testing.assert_array_equal(g, e)
+    for x in leaves:
+      for method in METHODS:
+        np.testing.assert_array_equal(_masks([x], s, method)[0], reference.keep_masks([x], s)[0])
+
+
+def test_unknown_method_is_rejected():
+  with pytest.raises(ValueError, match="method"):
+    _thresholds.keep_masks([jnp.ones(3)], 0.5, "quickselect")

@@ -1,0 +1,241 @@
+"""The pruning transformation: contract against the NumPy reference, exact
+zeros under real optimizers, per-leaf schedules, scopes and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_prune
+from tests import reference
+
+
+def _params(seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  params = {
+      "conv1": {"kernel": rng.standard_normal((3, 3, 1, 8)), "bias": rng.standard_normal(8)},
+      "conv2": {"kernel": rng.standard_normal((3, 3, 8, 16)), "bias": rng.standard_normal(16)},
+      "dense": {"kernel": rng.standard_normal((64, 10)), "bias": rng.standard_normal(10)},
+  }
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+
+def _loss(params):
+  # Gradients that never vanish, so optimizers keep pushing every weight.
+  return sum(jnp.sum(jnp.sin(x.astype(jnp.float32)) + 0.1 * x.astype(jnp.float32))
+             for x in jax.tree.leaves(params))
+
+
+def _train(tx, params, steps):
+  """Runs `steps` jitted steps; yields (step, params_before, state_after, params_after)."""
+  traces = []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    grads = jax.grad(_loss)(params)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for t in range(steps):
+    new_params, state = step(params, state)
+    yield t, params, state, new_params
+    params = new_params
+  assert len(traces) == 1, "the train step recompiled"
+
+
+CONFIGS = [
+    dict(scope="layer", threshold="sort"),
+    dict(scope="layer", threshold="bisect"),
+    dict(scope="layer", threshold="auto"),
+    dict(scope="global", threshold="sort"),
+    dict(scope="global", threshold="bisect"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['scope']}-{c['threshold']}")
+@pytest.mark.parametrize("make_opt", [
+    lambda: optax.sgd(0.05, momentum=0.9),
+    lambda: optax.adam(0.05),
+    lambda: optax.adamw(0.05, weight_decay=0.1),
+], ids=["sgd-momentum", "adam", "adamw"])
+def test_contract_against_reference(config, make_opt):
+  schedule = optax_prune.polynomial_schedule(0.9, begin_step=0, end_step=60, frequency=15)
+  tx = optax.chain(make_opt(), optax_prune.magnitude_pruning(schedule, **config))
+  previous_masks, previous_sparsity = None, 0.0
+  for t, before, state, after in _train(tx, _params(), 120):
+    pstate = optax_prune.find_pruning_state(state)
+    target = schedule(t)
+    kernels = {k: before[k]["kernel"] for k in before}
+    masks = {k: np.asarray(pstate.masks[k]["kernel"]) for k in before}
+    assert all(isinstance(pstate.masks[k]["bias"], optax.MaskedNode) for k in before)
+    if bool(target.update):
+      names = sorted(kernels)
+      leaves = [np.asarray(kernels[k]) for k in names]
+      if config["scope"] == "global":
+        expected = dict(zip(names, reference.keep_masks(leaves, target.sparsity)))
+      else:
+        expected = {k: reference.keep_masks([x], target.sparsity)[0] for k, x in zip(names, leaves)}
+      for k in names:
+        np.testing.assert_array_equal(masks[k], expected[k], err_msg=f"step {t} {k}")
+      if config["scope"] == "layer":
+        for k, x in zip(names, leaves):
+          kept, pruned = np.abs(x)[masks[k]], np.abs(x)[~masks[k]]
+          assert (~masks[k]).sum() == reference.prune_count(target.sparsity, x.size)
+          if kept.size and pruned.size:
+            assert kept.min() >= pruned.max()  # No kept weight below a pruned one.
+    elif previous_masks is not None:
+      for k in masks:  # Masks change only on update steps.
+        np.testing.assert_array_equal(masks[k], previous_masks[k])
+    # Pruned weights are exactly zero after every step; kept ones moved.
+    for k in masks:
+      w = np.asarray(after[k]["kernel"])
+      assert np.all(w[~masks[k]] == 0.0), f"step {t}: a pruned weight was revived"
+    sparsity = sum((~m).sum() for m in masks.values()) / sum(m.size for m in masks.values())
+    assert sparsity >= previous_sparsity  # Never decreasing along the schedule.
+    previous_masks, previous_sparsity = masks, sparsity
+  assert previous_sparsity == pytest.approx(0.9, abs=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dtypes_keep_exact_zeros(dtype):
+  tx = optax.chain(optax.adam(0.05), optax_prune.magnitude_pruning(0.75))
+  for t, before, state, after in _train(tx, _params(dtype=dtype), 30):
+    masks = optax_prune.find_pruning_state(state).masks
+    for k in after:
+      assert after[k]["kernel"].dtype == dtype
+      x = np.asarray(before[k]["kernel"].astype(jnp.float32))
+      if t == 0:
+        np.testing.assert_array_equal(np.asarray(masks[k]["kernel"]), reference.keep_masks([x], 0.75)[0])
+      assert np.all(np.asarray(after[k]["kernel"])[~np.asarray(masks[k]["kernel"])] == 0)
+
+
+@pytest.mark.usefixtures("strict_promotion")
+def test_masks_apply_on_the_step_they_are_computed():
+  params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3)}
+  tx = optax_prune.magnitude_pruning(0.5)
+  updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  np.testing.assert_array_equal(optax.apply_updates(params, updates)["w"], [[0, 0, 0], [4, 5, 6]])
+  assert int(state.count) == 1 and float(state.target_sparsity["w"]) == 0.5
+
+
+def test_per_leaf_schedules_as_in_the_original_example():
+  # First conv block to 0.6, other conv blocks to 0.85, output layer unpruned.
+  params = _params()
+  tx = optax_prune.magnitude_pruning(
+      {"conv1": 0.6, "conv2": optax_prune.constant_schedule(0.85), "dense": None})
+  _, state = tx.update(params, tx.init(params), params)
+  for name, sparsity in [("conv1", 0.6), ("conv2", 0.85)]:
+    x = np.asarray(params[name]["kernel"])
+    np.testing.assert_array_equal(state.masks[name]["kernel"], reference.keep_masks([x], sparsity)[0])
+  assert isinstance(state.masks["dense"]["kernel"], optax.MaskedNode)
+
+
+def test_global_scope_groups_leaves_by_schedule():
+  params = _params()
+  shared = optax_prune.constant_schedule(0.7)
+  tx = optax_prune.magnitude_pruning(
+      {"conv1": shared, "conv2": shared, "dense": 0.5}, scope="global")
+  _, state = tx.update(params, tx.init(params), params)
+  convs = [np.asarray(params[k]["kernel"]) for k in ("conv1", "conv2")]
+  for k, e in zip(("conv1", "conv2"), reference.keep_masks(convs, 0.7)):
+    np.testing.assert_array_equal(state.masks[k]["kernel"], e)
+  np.testing.assert_array_equal(state.masks["dense"]["kernel"],
+                                reference.keep_masks([np.asarray(params["dense"]["kernel"])], 0.5)[0])
+
+
+def test_where_predicate_and_bool_tree():
+  params = _params()
+  by_path = optax_prune.magnitude_pruning(
+      0.5, where=lambda path, leaf: "dense" in jax.tree_util.keystr(path))
+  masks = by_path.init(params).masks
+  assert not isinstance(masks["dense"]["kernel"], optax.MaskedNode)
+  assert not isinstance(masks["dense"]["bias"], optax.MaskedNode)
+  assert isinstance(masks["conv1"]["kernel"], optax.MaskedNode)
+  by_tree = optax_prune.magnitude_pruning(
+      0.5, where={"conv1": True, "conv2": {"kernel": True, "bias": False}, "dense": False})
+  masks = by_tree.init(params).masks
+  assert masks["conv1"]["bias"].shape == (8,)
+  assert isinstance(masks["conv2"]["bias"], optax.MaskedNode)
+
+
+def test_sparsity_one_and_099():
+  params = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((100, 10)), jnp.float32)}
+  for s in (0.99, 1.0):
+    tx = optax.chain(optax.adam(1e-2), optax_prune.magnitude_pruning(s))
+    updates, state = tx.update(params, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert int((np.asarray(new["w"]) == 0).sum()) == round(s * 1000)
+
+
+def test_find_pruning_state_errors():
+  with pytest.raises(ValueError, match="exactly one"):
+    optax_prune.find_pruning_state(optax.adam(1e-3).init({"w": jnp.ones(2)}))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scope="local"), "scope"),
+    (dict(threshold="quick"), "threshold"),
+    (dict(where=[1, 2]), "where"),
+])
+def test_bad_arguments_raise_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    optax_prune.magnitude_pruning(0.5, **kwargs)
+
+
+@pytest.mark.parametrize("schedule,match", [
+    ("cubic", "schedule"),
+    (1.5, "schedule"),
+    (lambda step: step * 0.1, "pair"),
+    (lambda step: (0.5, 1), "could not|pair"),
+    ({"a": 2.0}, r"schedule"),
+])
+def test_bad_schedules_raise_at_construction(schedule, match):
+  with pytest.raises(ValueError, match=match):
+    optax_prune.magnitude_pruning(schedule)
+
+
+def test_update_without_params_is_a_clear_error():
+  params = {"w": jnp.ones((2, 2))}
+  tx = optax.chain(optax.sgd(0.1), optax_prune.magnitude_pruning(0.5))
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="needs them"):
+    tx.update(params, state)
+  with pytest.raises(ValueError, match="needs them"):
+    jax.jit(lambda u, s: tx.update(u, s))(params, state)
+
+
+def test_params_of_another_structure_are_a_clear_error():
+  tx = optax_prune.magnitude_pruning(0.5)
+  state = tx.init({"w": jnp.ones((2, 2))})
+  other = {"w": jnp.ones((2, 2)), "v": jnp.ones((3, 3))}
+  with pytest.raises(ValueError, match="do not match the pruning state"):
+    tx.update(other, state, other)
+  bias_only = {"w": jnp.ones(4)}  # Same tree, but the leaf is no longer pruned.
+  with pytest.raises(ValueError, match="do not match the pruning state"):
+    tx.update(bias_only, state, bias_only)
+
+
+def test_mismatched_where_and_non_float_leaves_are_clear_errors():
+  params = {"w": jnp.ones((2, 2)), "i": jnp.ones((2, 2), jnp.int32)}
+  with pytest.raises(ValueError, match="where"):
+    optax_prune.magnitude_pruning(0.5, where={"x": True}).init(params)
+  with pytest.raises(ValueError, match="only floating leaves"):
+    optax_prune.magnitude_pruning(0.5, where=lambda p, x: True).init(params)
+  # The default skips integer leaves.
+  assert isinstance(optax_prune.magnitude_pruning(0.5).init(params).masks["i"], optax.MaskedNode)
+
+
+def test_mask_updates_cost_nothing_between_updates():
+  # A constant schedule updates once: later steps never recompute masks,
+  # so a weight driven to tiny magnitude after step 0 is not pruned.
+  params = {"w": jnp.asarray([[1.0, 2.0], [3.0, 4.0]])}
+  tx = optax_prune.magnitude_pruning(0.25)
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  params = {"w": jnp.asarray([[0.0, 2.0], [3.0, 1e-6]])}
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  np.testing.assert_array_equal(state.masks["w"], [[False, True], [True, True]])
