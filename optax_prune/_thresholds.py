@@ -18,8 +18,8 @@ for leaves of more than 2**24 entries.
 
 Methods:
 
-* ``"sort"`` (reference): sorts each leaf's keys once and reads the threshold
-  off them with ``searchsorted``; ties are ranked with a cumulative sum. Memory:
+* ``"sort"`` (reference): sorts the keys (of a group: their concatenation)
+  and reads the k-th smallest; ties are ranked with a cumulative sum. Memory:
   a sorted copy of the keys and an int32 rank per entry.
 * ``"bisect"`` (fast): finds the threshold key by a radix search over its 31
   bits, each round counting entries below a few candidates with one fused
@@ -123,13 +123,15 @@ def _count(mask: jax.Array) -> jax.Array:
 
 
 def _radix_select(count_below, k: jax.Array, bits: int, radix_bits: int):
-  """Largest ``t`` in [0, 2**bits) with ``count_below(t) < k`` (0 if none).
+  """Per row g: largest ``t`` in [0, 2**bits) with ``count_below(t)[g] < k[g]``.
 
-  ``count_below`` must be non-decreasing in ``t``; it is called with a vector
-  of candidates and returns their counts. For ``k >= 1`` the result is the
-  k-th smallest key (1-based) in the counted set. Each round decides
-  ``radix_bits`` bits, most significant first, in a ``fori_loop`` (a small
-  program that compiles fast whatever the number of rounds).
+  ``k`` has shape (G,), one target per independent search. ``count_below``
+  takes candidates of shape (G, D) and returns their (G, D) counts, which must
+  be non-decreasing in ``t``. For ``k[g] >= 1`` the result is the k-th
+  smallest key (1-based) of row g's counted set; 0 when ``k[g] == 0``. Each
+  round decides ``radix_bits`` bits of every row at once, most significant
+  first, in one ``fori_loop``: G searches cost the loop trips of one, and the
+  program compiles fast whatever the number of rounds.
   """
   rounds = -(-bits // radix_bits)
   digits = jnp.arange(1, 2**radix_bits, dtype=jnp.uint32)
@@ -138,11 +140,17 @@ def _radix_select(count_below, k: jax.Array, bits: int, radix_bits: int):
     low = jnp.maximum(bits - (r + 1) * radix_bits, 0).astype(jnp.uint32)
     width = (bits - r * radix_bits) - low.astype(jnp.int32)  # Last round: fewer.
     allowed = digits < (jnp.uint32(1) << width.astype(jnp.uint32))
-    candidates = found | (digits << low)
-    below = (count_below(candidates) < k) & allowed
-    return found | (jnp.sum(below, dtype=jnp.uint32) << low)
+    candidates = found[:, None] | (digits << low)[None, :]
+    below = (count_below(candidates) < k[:, None]) & allowed[None, :]
+    return found | (jnp.sum(below, axis=1, dtype=jnp.uint32) << low)
 
-  return lax.fori_loop(0, rounds, one_round, jnp.uint32(0))
+  return lax.fori_loop(0, rounds, one_round, jnp.zeros(k.shape, jnp.uint32))
+
+
+def _count_below_each(x: jax.Array, candidates: jax.Array) -> jax.Array:
+  """(D,) counts of keys of ``x`` below each of the (D,) candidates."""
+  keys = magnitude_keys(x)[..., None]
+  return jnp.sum(keys < candidates, axis=tuple(range(x.ndim)), dtype=jnp.uint32)
 
 
 def _ties_to_prune(equal_counts, remaining):
@@ -156,29 +164,33 @@ def _ties_to_prune(equal_counts, remaining):
 
 
 def masks_by_bisection(
-    leaves: Sequence[jax.Array], sparsity: jax.Array
-) -> list[jax.Array]:
-  """Keep-masks (True = kept) for a group of arrays; see the module docstring."""
-  n = sum(x.size for x in leaves)
-  k = prune_count(sparsity, n)
+    groups: Sequence[Sequence[jax.Array]], sparsity: jax.Array
+) -> list[list[jax.Array]]:
+  """Keep-masks (True = kept) for independent groups; see the module docstring.
+
+  Each group is ranked on its own (one leaf per group: layer scope); all
+  groups share one radix search loop.
+  """
+  k = jnp.stack([prune_count(sparsity, sum(x.size for x in g)) for g in groups])
 
   def count_below(candidates):
-    total = jnp.zeros(candidates.shape, jnp.uint32)
-    for x in leaves:
-      keys = magnitude_keys(x)[..., None]
-      total = total + jnp.sum(
-          keys < candidates, axis=tuple(range(x.ndim)), dtype=jnp.uint32
-      )
-    return total
+    return jnp.stack([
+        sum((_count_below_each(x, candidates[i]) for x in group),
+            jnp.zeros(candidates.shape[1:], jnp.uint32))
+        for i, group in enumerate(groups)
+    ])
 
-  threshold = _radix_select(count_below, k, 31, _RADIX_BITS)
-  less = [_count(magnitude_keys(x) < threshold) for x in leaves]
-  equal = [_count(magnitude_keys(x) == threshold) for x in leaves]
-  remaining = k - sum(less)  # Ties at `threshold` still to prune (>= 0).
-  masks = []
-  for x, ties, n_equal in zip(leaves, _ties_to_prune(equal, remaining), equal):
-    masks.append(_keep_mask_from_index(x, threshold, ties, n_equal))
-  return masks
+  thresholds = _radix_select(count_below, k, 31, _RADIX_BITS)
+  out = []
+  for group, threshold, k_group in zip(groups, thresholds, k):
+    less = [_count(magnitude_keys(x) < threshold) for x in group]
+    equal = [_count(magnitude_keys(x) == threshold) for x in group]
+    remaining = k_group - sum(less)  # Ties at `threshold` still to prune.
+    out.append([
+        _keep_mask_from_index(x, threshold, ties, n_equal)
+        for x, ties, n_equal in zip(group, _ties_to_prune(equal, remaining), equal)
+    ])
+  return out
 
 
 def _keep_mask_from_index(x, threshold, ties, n_equal):
@@ -192,17 +204,17 @@ def _keep_mask_from_index(x, threshold, ties, n_equal):
 
   def cutoff_search():
     # Flat index just past the `ties`-th tie, by a radix search on the index.
-    def count_below(candidates):
-      is_tie = magnitude_keys(x) == threshold
+    def count_below(candidates):  # (1, D) flat-index candidates.
+      is_tie = (magnitude_keys(x) == threshold)[..., None]
       index = _flat_index(x.shape)[..., None]
       return jnp.sum(
-          is_tie[..., None] & (index < candidates.astype(jnp.int32)),
+          is_tie & (index < candidates[0].astype(jnp.int32)),
           axis=tuple(range(x.ndim)),
           dtype=jnp.uint32,
-      )
+      )[None]
 
     bits = max(1, math.ceil(math.log2(x.size)))
-    last = _radix_select(count_below, ties, bits, _RADIX_BITS)
+    last = _radix_select(count_below, ties[None], bits, _RADIX_BITS)[0]
     return last.astype(jnp.int32) + 1
 
   needs_search = (ties > 0) & (ties < n_equal)
@@ -217,38 +229,53 @@ def _keep_mask_from_index(x, threshold, ties, n_equal):
 def masks_by_sort(
     leaves: Sequence[jax.Array], sparsity: jax.Array
 ) -> list[jax.Array]:
-  """Keep-masks by the sort reference; identical to ``masks_by_bisection``."""
+  """Keep-masks by the sort reference; identical to ``masks_by_bisection``.
+
+  The threshold is the k-th smallest key of the sorted keys. For a group of
+  several leaves (global scope) this sorts their concatenated keys: simple and
+  obviously right, but it copies the group, and on a sharded group it gathers;
+  ``threshold="auto"`` therefore never picks it for large groups.
+  """
   n = sum(x.size for x in leaves)
   k = prune_count(sparsity, n)
-  sorted_keys = [jnp.sort(magnitude_keys(x).reshape(-1)) for x in leaves]
-
-  def count_below(candidates):
-    total = jnp.zeros(candidates.shape, jnp.uint32)
-    for keys in sorted_keys:
-      total = total + jnp.searchsorted(keys, candidates, side="left").astype(
-          jnp.uint32
-      )
-    return total
-
-  # One candidate per round: each count is a cheap binary search.
-  threshold = _radix_select(count_below, k, 31, 1)
-  less = [
-      jnp.searchsorted(s, threshold, side="left").astype(jnp.uint32)
-      for s in sorted_keys
-  ]
-  equal = [
-      jnp.searchsorted(s, threshold, side="right").astype(jnp.uint32) - lo
-      for s, lo in zip(sorted_keys, less)
-  ]
+  keys = [magnitude_keys(x).reshape(-1) for x in leaves]
+  if n == 0:
+    return [jnp.ones(x.shape, jnp.bool_) for x in leaves]
+  ordered = jnp.sort(jnp.concatenate(keys) if len(keys) > 1 else keys[0])
+  # With k = 0 this reads the smallest key, and no entry is pruned below.
+  threshold = ordered[jnp.maximum(k.astype(jnp.int32) - 1, 0)]
+  less = [_count(key < threshold) for key in keys]
+  equal = [_count(key == threshold) for key in keys]
   remaining = k - sum(less)
   masks = []
-  for x, ties in zip(leaves, _ties_to_prune(equal, remaining)):
-    keys = magnitude_keys(x).reshape(-1)
-    is_tie = keys == threshold
+  for x, key, ties in zip(leaves, keys, _ties_to_prune(equal, remaining)):
+    is_tie = key == threshold
     tie_rank = jnp.cumsum(is_tie, dtype=jnp.uint32)  # 1-based among ties.
-    pruned = (keys < threshold) | (is_tie & (tie_rank <= ties))
+    pruned = (key < threshold) | (is_tie & (tie_rank <= ties))
     masks.append((~pruned).reshape(x.shape))
   return masks
+
+
+def keep_masks_of_groups(
+    groups: Sequence[Sequence[jax.Array]], sparsity: jax.Array, method: str
+) -> list[list[jax.Array]]:
+  """Keep-masks for independent groups of leaves, each pruned to ``sparsity``.
+
+  Args:
+    groups: groups of floating arrays; each group is ranked together.
+    sparsity: float32 scalar; clipped to [0, 1], NaN counts as 0.
+    method: one of ``METHODS``.
+
+  Returns:
+    Per group, one bool array per leaf, True where the entry is kept.
+  """
+  sparsity = jnp.asarray(sparsity, jnp.float32)
+  sparsity = jnp.where(jnp.isnan(sparsity), 0.0, jnp.clip(sparsity, 0.0, 1.0))
+  if method == "bisect":
+    return masks_by_bisection(groups, sparsity) if groups else []
+  if method == "sort":
+    return [masks_by_sort(group, sparsity) for group in groups]
+  raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
 
 
 def keep_masks(
@@ -273,10 +300,4 @@ def keep_masks(
     >>> optax_prune.keep_masks([jnp.array([0.5, -3.0, 0.0, 2.0])], 0.5)
     [Array([False,  True, False,  True], dtype=bool)]
   """
-  sparsity = jnp.asarray(sparsity, jnp.float32)
-  sparsity = jnp.where(jnp.isnan(sparsity), 0.0, jnp.clip(sparsity, 0.0, 1.0))
-  if method == "bisect":
-    return masks_by_bisection(leaves, sparsity)
-  if method == "sort":
-    return masks_by_sort(leaves, sparsity)
-  raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
+  return keep_masks_of_groups([leaves], sparsity, method)[0]

@@ -26,6 +26,13 @@ _NO_PARAMS_MSG = (
 )
 
 
+def resolve_threshold(threshold: str, size: int) -> str:
+  """The method that ``threshold`` means for a group of ``size`` entries."""
+  if threshold == "auto":
+    return "sort" if size <= AUTO_SORT_MAX_SIZE else "bisect"
+  return threshold
+
+
 class MagnitudePruningState(NamedTuple):
   """State of :func:`magnitude_pruning`."""
 
@@ -188,10 +195,7 @@ def magnitude_pruning(
             f"a pruning group holds {size} entries; at most 2**31 - 1 are"
             " supported. Use `scope='layer'` or split the leaves."
         )
-      if threshold == "auto":
-        methods.append("sort" if size <= AUTO_SORT_MAX_SIZE else "bisect")
-      else:
-        methods.append(threshold)
+      methods.append(resolve_threshold(threshold, size))
     return _Plan(
         treedef=treedef,
         pruned=pruned,
@@ -245,11 +249,16 @@ def magnitude_pruning(
       indices = [i for group, _ in jobs for i in group]
 
       def recompute(jobs=jobs, sparsity=sparsity):
-        new = []
-        for group, method in jobs:
-          group_params = [param_leaves[i] for i in group]
-          new += _thresholds.keep_masks(group_params, sparsity, method)
-        return new, [sparsity] * len(new)
+        # Groups that share a method share one kernel call (one search loop).
+        new = {}
+        for method in sorted({m for _, m in jobs}):
+          groups = [g for g, m in jobs if m == method]
+          found = _thresholds.keep_masks_of_groups(
+              [[param_leaves[i] for i in g] for g in groups], sparsity, method)
+          for group, group_masks in zip(groups, found):
+            new.update(zip(group, group_masks))
+        ordered = [new[i] for group, _ in jobs for i in group]
+        return ordered, [sparsity] * len(ordered)
 
       old = ([masks[i] for i in indices], [targets[i] for i in indices])
       new_masks, new_targets = lax.cond(

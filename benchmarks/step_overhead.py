@@ -1,0 +1,103 @@
+"""Overhead of pruning on a train step that does not recompute masks.
+
+Run as ``python -m benchmarks.step_overhead``. For the digits CNN of the demo
+and an MLP of about 3.7M parameters it times a full jitted train step (forward,
+backward, optimizer) with ``optax.adam`` alone and with
+``optax.chain(optax.adam, magnitude_pruning(...))``, side by side, on steps
+after the one-shot mask update, and prints the median ratio. Saves
+``benchmarks/results/step_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_prune
+from benchmarks import _common
+from benchmarks import demo_digits
+
+
+class MLP(nn.Module):
+  """784 -> 2048 -> 1024 -> 10: about 3.7M parameters."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(2048)(x))
+    x = nn.relu(nn.Dense(1024)(x))
+    return nn.Dense(10)(x)
+
+
+MODELS = {
+    "digits-cnn": (demo_digits.CNN, (8, 8, 1)),
+    "mlp-3.7M": (MLP, (784,)),
+}
+
+
+def make_step(model, tx):
+  def loss(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(loss)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.step_overhead",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=50)
+  parser.add_argument("--models", nargs="+", default=list(MODELS),
+                      choices=list(MODELS))
+  parser.add_argument("--out", default=str(_common.RESULTS / "step_overhead.json"))
+  args = parser.parse_args(argv)
+  records = []
+  for name in args.models:
+    make_model, shape = MODELS[name]
+    model = make_model()
+    x = jax.random.normal(jax.random.key(0), (args.batch_size,) + shape)
+    y = jnp.zeros((x.shape[0],), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(1), x)["params"]
+    n = sum(p.size for p in jax.tree.leaves(params))
+    runs = {}
+    for label, tx in [
+        ("adam", optax.adam(1e-3)),
+        ("adam+pruning", optax.chain(
+            optax.adam(1e-3), optax_prune.magnitude_pruning(0.9))),
+    ]:
+      step = make_step(model, tx)
+      state = tx.init(params)
+      # Step 0 is the one-shot mask update; time the steps after it.
+      p, state = step(params, state, x, y)
+      runs[label] = lambda step=step, p=p, state=state: step(p, state, x, y)
+    times = _common.time_side_by_side(runs, args.repeats, warmup=3)
+    records.append({
+        "model": name, "params": n, "batch_size": args.batch_size,
+        "adam_seconds": times["adam"],
+        "pruned_seconds": times["adam+pruning"],
+        "ratio": times["adam+pruning"] / times["adam"],
+    })
+  print(_common.table(
+      [(r["model"], f"{r['params']:,}", f"{r['adam_seconds'] * 1e3:.3f}",
+        f"{r['pruned_seconds'] * 1e3:.3f}", f"{r['ratio']:.3f}")
+       for r in records],
+      ("model", "params", "adam ms", "adam+pruning ms", "ratio")))
+  path = _common.pathlib.Path(args.out)
+  _common.write_json(path, records, target_ratio=1.03)
+  print(f"\nwrote {path}")
+  return {"records": records}
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,35 @@
+"""The speed benchmarks run at a tiny size and write well-formed JSON.
+
+No timing is asserted here: targets are read off the benchmark output.
+"""
+
+import json
+import math
+
+from benchmarks import mask_update
+from benchmarks import step_overhead
+
+
+def test_mask_update_writes_records(tmp_path):
+  out, png = tmp_path / "mask.json", tmp_path / "mask.png"
+  mask_update.main(["--sizes", "2e3", "5e3", "--repeats", "1", "--methods", "sort", "bisect",
+                    "--out", str(out), "--plot", str(png)])
+  payload = json.loads(out.read_text())
+  assert payload["machine"]["jax"] and png.stat().st_size > 0
+  records = payload["records"]
+  configs = {(r["method"], r["scope"]) for r in records}
+  assert configs == {(m, s) for m in ("sort", "bisect") for s in ("layer", "global")} | {
+      ("yardstick:read", "-"), ("yardstick:sort", "-")}
+  for r in records:
+    assert r["params"] > 0 and r["seconds"] > 0 and math.isfinite(r["temp_bytes_per_param"])
+  assert set(payload["exponents"]) >= {"bisect/layer", "sort/global"}
+
+
+def test_step_overhead_writes_ratios(tmp_path):
+  out = tmp_path / "step.json"
+  step_overhead.main(["--batch-size", "4", "--repeats", "2", "--models", "digits-cnn",
+                      "--out", str(out)])
+  records = json.loads(out.read_text())["records"]
+  assert [r["model"] for r in records] == ["digits-cnn"]
+  for r in records:
+    assert r["ratio"] == r["pruned_seconds"] / r["adam_seconds"] > 0
