@@ -284,11 +284,15 @@ def magnitude_pruning(
 def _flatten_like(tree, plan: _Plan, name: str) -> list:
   """Flattens a state field built by ``init`` for params of ``plan``."""
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  leaves, treedef = jax.tree.flatten(tree, is_leaf=is_masked)
-  expected = [not p for p in plan.pruned]
-  if treedef.num_leaves != plan.treedef.num_leaves or [
-      is_masked(x) for x in leaves
-  ] != expected:
+  try:
+    # Up to the params' leaves: a MaskedNode stands where a leaf is unpruned
+    # (and params from `optax.masked` may hold MaskedNodes of their own).
+    leaves = plan.treedef.flatten_up_to(tree)
+  except (ValueError, TypeError):
+    leaves = None
+  if leaves is None or [is_masked(x) for x in leaves] != [
+      not p for p in plan.pruned
+  ]:
     raise ValueError(
         f"`params` do not match the pruning state: {name} was built by `init`"
         " for params of another structure. Call `tx.init(params)` with the"
