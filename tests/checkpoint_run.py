@@ -1,0 +1,62 @@
+"""Trains a pruned model for a number of steps, optionally from a checkpoint.
+
+Run by tests/test_checkpoint.py in fresh processes:
+  python tests/checkpoint_run.py STEPS OUT.npz [--save DIR] [--restore DIR]
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import optax_prune
+
+SCHEDULE = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=40, frequency=10)
+TX = optax.chain(optax.adamw(0.05, weight_decay=0.01), optax_prune.magnitude_pruning(SCHEDULE))
+
+
+def initial_params():
+  rng = np.random.default_rng(0)
+  return {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+          "v": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32),
+          "b": jnp.zeros(4, jnp.float32)}
+
+
+@jax.jit
+def step(params, state):
+  grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(p)))(params)
+  updates, state = TX.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("steps", type=int)
+  parser.add_argument("out")
+  parser.add_argument("--save")
+  parser.add_argument("--restore")
+  args = parser.parse_args()
+  params = initial_params()
+  state = TX.init(params)
+  checkpointer = ocp.StandardCheckpointer()
+  if args.restore:
+    # Restore into the structure of a freshly built `tx.init(...)`.
+    target = {"params": params, "opt_state": state}
+    restored = checkpointer.restore(args.restore, target)
+    params, state = restored["params"], restored["opt_state"]
+  for _ in range(args.steps):
+    params, state = step(params, state)
+  if args.save:
+    checkpointer.save(args.save, {"params": params, "opt_state": state})
+    checkpointer.wait_until_finished()
+  pstate = optax_prune.find_pruning_state(state)
+  np.savez(args.out, count=np.asarray(pstate.count),
+           **{f"param_{k}": np.asarray(v) for k, v in params.items()},
+           **{f"mask_{k}": np.asarray(pstate.masks[k]) for k in ("w", "v")})
+
+
+if __name__ == "__main__":
+  main()
