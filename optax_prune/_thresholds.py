@@ -22,10 +22,13 @@ Methods:
   and reads the k-th smallest; ties are ranked with a cumulative sum. Memory:
   a sorted copy of the keys and an int32 rank per entry.
 * ``"bisect"`` (fast): finds the threshold key by a radix search over its 31
-  bits, each round counting entries below a few candidates with one fused
-  reduction over the parameters. No sort, no copy of the parameters: only
-  scalar temporaries. Ties at the threshold, when a leaf must keep some of
-  them, are split by a second search over the flat index, only when needed.
+  bits, each round counting entries below a candidate with one reduction over
+  the parameters; all groups share one search loop. No sort and no copy of the
+  parameters are asked for: on GPU XLA fuses it so (no parameter-sized
+  temporaries at 1e8 entries); on CPU XLA materializes the keys and the counts
+  (about 7 bytes per entry, see benchmarks/RESULTS.md). Ties at the threshold,
+  when a leaf must keep some of them, are split by a second search over the
+  flat index, only when needed.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from jax import lax
 
 METHODS = ("sort", "bisect")
 # Bits decided per round of the radix search: 2**bits - 1 candidates per pass.
+# 1 was fastest on CPU and within 20% of 4 on an H200 (benchmarks/RESULTS.md).
 _RADIX_BITS = 1
 # Largest group size (entries) for which the count fits our int32 arithmetic.
 MAX_GROUP_SIZE = 2**31 - 1
