@@ -113,12 +113,13 @@ def magnitude_pruning(
       ``jax.tree_util.tree_flatten_with_path``, or a pytree of bools that is a
       prefix of the params, as in ``optax.masked``.
     scope: ``"layer"`` ranks each leaf on its own; ``"global"`` ranks all
-      pruned leaves that share a schedule together (one threshold), without
-      concatenating them.
+      pruned leaves that share a schedule together (one threshold); the
+      bisect method does so without concatenating them, the sort reference
+      sorts their concatenated keys.
     threshold: ``"sort"`` (the ``jnp.sort`` reference), ``"bisect"`` (a radix
-      search over the bits of ``|w|`` with fused counting: no sort, no copy of
-      the parameters), or ``"auto"`` (sort for groups of at most
-      ``AUTO_SORT_MAX_SIZE`` entries, bisect above). All give identical masks.
+      search over the bits of ``|w|`` by counting passes, no sort), or
+      ``"auto"`` (sort for groups of at most ``AUTO_SORT_MAX_SIZE`` entries,
+      bisect above). All give identical masks.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
