@@ -39,6 +39,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 METHODS = ("sort", "bisect")
 # Bits decided per round of the radix search: 2**bits - 1 candidates per pass.
@@ -230,6 +231,12 @@ def _keep_mask_from_index(x, threshold, ties, n_equal):
   return ~pruned
 
 
+def _explicit_sharding(x: jax.Array):
+  """The sharding of ``x`` if Explicit mesh axes split it, else None."""
+  sharding = jax.typeof(x).sharding
+  return sharding if any(s is not None for s in sharding.spec) else None
+
+
 def masks_by_sort(
     leaves: Sequence[jax.Array], sparsity: jax.Array
 ) -> list[jax.Array]:
@@ -237,12 +244,18 @@ def masks_by_sort(
 
   The threshold is the k-th smallest key of the sorted keys. For a group of
   several leaves (global scope) this sorts their concatenated keys: simple and
-  obviously right, but it copies the group, and on a sharded group it gathers;
-  ``threshold="auto"`` therefore never picks it for large groups.
+  obviously right, but it copies the group, and a leaf split over devices is
+  gathered whole onto each of them (an all-gather; under Explicit mesh axes an
+  explicit reshard, and the mask is resharded back). ``threshold="auto"``
+  therefore never picks it for large groups nor for split leaves.
   """
   n = sum(x.size for x in leaves)
   k = prune_count(sparsity, n)
-  keys = [magnitude_keys(x).reshape(-1) for x in leaves]
+  shardings = [_explicit_sharding(x) for x in leaves]
+  keys = [
+      magnitude_keys(jax.sharding.reshard(x, P()) if s else x).reshape(-1)
+      for x, s in zip(leaves, shardings)
+  ]
   if n == 0:
     return [jnp.ones(x.shape, jnp.bool_) for x in leaves]
   ordered = jnp.sort(jnp.concatenate(keys) if len(keys) > 1 else keys[0])
@@ -252,11 +265,14 @@ def masks_by_sort(
   equal = [_count(key == threshold) for key in keys]
   remaining = k - sum(less)
   masks = []
-  for x, key, ties in zip(leaves, keys, _ties_to_prune(equal, remaining)):
+  for x, s, key, ties in zip(
+      leaves, shardings, keys, _ties_to_prune(equal, remaining)
+  ):
     is_tie = key == threshold
     tie_rank = jnp.cumsum(is_tie, dtype=jnp.uint32)  # 1-based among ties.
     pruned = (key < threshold) | (is_tie & (tie_rank <= ties))
-    masks.append((~pruned).reshape(x.shape))
+    mask = (~pruned).reshape(x.shape)
+    masks.append(jax.sharding.reshard(mask, s) if s else mask)
   return masks
 
 

@@ -16,7 +16,8 @@ from optax_prune import _thresholds
 SCOPES = ("layer", "global")
 THRESHOLDS = ("auto",) + _thresholds.METHODS
 # Below this many entries in a group, "auto" uses the sort reference: one small
-# sort beats ~16 passes of the radix search there (see benchmarks/).
+# sort beats ~16 passes of the radix search there (see benchmarks/). Only for
+# groups whose leaves are known to be whole on each device (`_known_whole`).
 AUTO_SORT_MAX_SIZE = 2048
 
 _NO_PARAMS_MSG = (
@@ -26,11 +27,31 @@ _NO_PARAMS_MSG = (
 )
 
 
-def resolve_threshold(threshold: str, size: int) -> str:
-  """The method that ``threshold`` means for a group of ``size`` entries."""
+def resolve_threshold(threshold: str, size: int, whole: bool = True) -> str:
+  """The method that ``threshold`` means for a group of ``size`` entries.
+
+  ``whole``: whether every leaf of the group is known not to be split over
+  devices; "auto" never sorts a group that may be split (a sort gathers it).
+  """
   if threshold == "auto":
-    return "sort" if size <= AUTO_SORT_MAX_SIZE else "bisect"
+    return "sort" if whole and size <= AUTO_SORT_MAX_SIZE else "bisect"
   return threshold
+
+
+def _known_whole(leaf) -> bool:
+  """Whether ``leaf`` is known not to be split over devices.
+
+  Concrete arrays and Explicit mesh axes (in the type) tell; inside ``jit``
+  under Auto mesh axes XLA places a leaf only later, so that is unknown.
+  """
+  if jax.device_count() == 1 or not isinstance(leaf, jax.Array):
+    return True  # One device, or a host value (NumPy, Python number).
+  if not isinstance(leaf, jax.core.Tracer):
+    return leaf.sharding.is_fully_replicated
+  sharding = jax.typeof(leaf).sharding
+  mesh = sharding.mesh
+  explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  return not mesh.empty and explicit and all(s is None for s in sharding.spec)
 
 
 class MagnitudePruningState(NamedTuple):
@@ -196,7 +217,8 @@ def magnitude_pruning(
             f"a pruning group holds {size} entries; at most 2**31 - 1 are"
             " supported. Use `scope='layer'` or split the leaves."
         )
-      methods.append(resolve_threshold(threshold, size))
+      whole = all(_known_whole(leaves[i]) for i in group)
+      methods.append(resolve_threshold(threshold, size, whole))
     return _Plan(
         treedef=treedef,
         pruned=pruned,
@@ -208,8 +230,9 @@ def magnitude_pruning(
   def init_fn(params):
     plan = make_plan(params)
     leaves = plan.treedef.flatten_up_to(params)
+    # `ones_like` places each mask like its param, sharded ones included.
     masks = [
-        jnp.ones(jnp.shape(x), jnp.bool_) if p else optax.MaskedNode()
+        jnp.ones_like(x, dtype=jnp.bool_) if p else optax.MaskedNode()
         for x, p in zip(leaves, plan.pruned)
     ]
     targets = [
