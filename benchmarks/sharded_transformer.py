@@ -33,9 +33,7 @@ import glob
 import time
 from typing import Optional, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType
@@ -43,41 +41,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_prune
+from benchmarks import accuracy
 
 DEVICES = 8
 
 
-class Block(nn.Module):
-  """Pre-norm transformer block: causal self-attention, then a GELU MLP."""
-
-  heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    causal = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.bool_))
-    x = x + nn.SelfAttention(self.heads)(nn.LayerNorm()(x), mask=causal)
-    h = nn.gelu(nn.Dense(4 * x.shape[-1])(nn.LayerNorm()(x)))
-    return x + nn.Dense(x.shape[-1])(h)
-
-
-class CharTransformer(nn.Module):
-  """Logits for the next character (ASCII codes)."""
-
-  context: int
-  width: int
-  depth: int
-  heads: int
-  vocab: int = 128
-
-  @nn.compact
-  def __call__(self, tokens):
-    position = self.param(
-        "position", nn.initializers.normal(0.02), (self.context, self.width)
-    )
-    x = nn.Embed(self.vocab, self.width)(tokens) + position[: tokens.shape[1]]
-    for _ in range(self.depth):
-      x = Block(self.heads)(x)
-    return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+# The character model of the accuracy benchmark, so both measure one model.
+CharTransformer = accuracy.CharTransformer
 
 
 def stdlib_codes() -> np.ndarray:
@@ -199,7 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if args.batch_size % mesh.shape[batch_axis]:
     raise SystemExit(f"--batch-size must be divisible by {mesh.shape[batch_axis]}.")
 
-  model = CharTransformer(args.context, args.width, args.depth, args.heads)
+  model = CharTransformer(context=args.context, width=args.width,
+                          depth=args.depth, heads=args.heads)
   host = jax.device_get(model.init(
       jax.random.key(args.seed), np.zeros((1, args.context), np.int32)
   )["params"])
