@@ -15,9 +15,10 @@ from optax_prune import _thresholds
 
 SCOPES = ("layer", "global")
 THRESHOLDS = ("auto",) + _thresholds.METHODS
-# Below this many entries in a group, "auto" uses the sort reference: one small
-# sort beats ~16 passes of the radix search there (see benchmarks/). Only for
-# groups whose leaves are known to be whole on each device (`_known_whole`).
+# Up to this many entries in a group, "auto" uses the sort reference: sorting a
+# few thousand keys costs about one of the radix search's 31 counting passes.
+# Only for groups whose leaves are known to be whole on each device
+# (`_known_whole`): a sort gathers split leaves.
 AUTO_SORT_MAX_SIZE = 2048
 
 _NO_PARAMS_MSG = (
@@ -139,8 +140,9 @@ def magnitude_pruning(
       sorts their concatenated keys.
     threshold: ``"sort"`` (the ``jnp.sort`` reference), ``"bisect"`` (a radix
       search over the bits of ``|w|`` by counting passes, no sort), or
-      ``"auto"`` (sort for groups of at most ``AUTO_SORT_MAX_SIZE`` entries,
-      bisect above). All give identical masks.
+      ``"auto"`` (sort for groups of at most ``AUTO_SORT_MAX_SIZE`` entries
+      that are known not to be split over devices, bisect otherwise). All
+      give identical masks.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``.

@@ -229,7 +229,7 @@ def test_mismatched_where_and_non_float_leaves_are_clear_errors():
   assert isinstance(optax_prune.magnitude_pruning(0.5).init(params).masks["i"], optax.MaskedNode)
 
 
-def test_mask_updates_cost_nothing_between_updates():
+def test_masks_stay_fixed_between_updates():
   # A constant schedule updates once: later steps never recompute masks,
   # so a weight driven to tiny magnitude after step 0 is not pruned.
   params = {"w": jnp.asarray([[1.0, 2.0], [3.0, 4.0]])}
