@@ -14,10 +14,12 @@ clipping, so one compiled train step serves the whole run.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class PruningTarget(NamedTuple):
@@ -34,8 +36,13 @@ class PruningSchedule(Protocol):
     ...
 
 
+def is_sparsity_number(x: Any) -> bool:
+  """Whether ``x`` is a plain real number (Python or NumPy scalar, not bool)."""
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_fraction(name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
+  if not is_sparsity_number(value):
     raise ValueError(
         f"`{name}` must be a number in [0, 1]; got {value!r} of type"
         f" {type(value).__name__}."
@@ -46,7 +53,7 @@ def _check_fraction(name: str, value: Any) -> float:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, int):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
     raise ValueError(
         f"`{name}` must be an integer >= {minimum}; got {value!r} of type"
         f" {type(value).__name__}."
@@ -58,7 +65,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
         f"`{name}` must fit in int32 (<= {jnp.iinfo(jnp.int32).max}); got"
         f" {value}."
     )
-  return value
+  return int(value)
 
 
 def log_schedule(
@@ -185,10 +192,11 @@ def polynomial_schedule(
         f"`begin_step` must be <= `end_step`; got begin_step={begin},"
         f" end_step={end}."
     )
-  if isinstance(power, bool) or not isinstance(power, (int, float)):
+  if not is_sparsity_number(power):
     raise ValueError(f"`power` must be a number > 0; got {power!r}.")
-  if not power > 0:
-    raise ValueError(f"`power` must be > 0; got {power!r}.")
+  if not (power > 0 and math.isfinite(power)):
+    raise ValueError(f"`power` must be a finite number > 0; got {power!r}.")
+  power = float(power)
   span = max(end - begin, 1)
 
   def schedule(step):
@@ -246,7 +254,7 @@ def check_schedule(name: str, schedule: Any) -> Callable[[Any], PruningTarget]:
 
   A plain number is taken as ``constant_schedule(number)``.
   """
-  if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
+  if is_sparsity_number(schedule):
     return constant_schedule(_check_fraction(name, schedule))
   if not callable(schedule):
     raise ValueError(

@@ -1,9 +1,11 @@
 """Exact magnitude masks: which entries of a group of arrays to prune.
 
-Every method computes the same mask. Entries are ranked by a uint32 key, the
-bit pattern of ``|x|`` (float32 bits with the sign cleared; bf16 and f16 widen
-to float32 exactly). For non-negative floats that bit pattern is ordered like
-the value, so:
+Every method computes the same mask. Entries are ranked by an unsigned integer
+key, the bit pattern of ``|x|``: float32 bits with the sign cleared (bf16 and
+f16 widen to float32 exactly), or float64 bits in a group that holds a float64
+leaf (only with ``jax_enable_x64``; the other leaves widen exactly, and the
+search runs over 63 bits instead of 31). For non-negative floats that bit
+pattern is ordered like the value, so:
 
 * zeros (of either sign) rank lowest and are pruned first;
 * ``+inf`` ranks above every finite value and NaN above ``inf``: non-finite
@@ -22,7 +24,7 @@ Methods:
   and reads the k-th smallest; ties are ranked with a cumulative sum. Memory:
   a sorted copy of the keys and an int32 rank per entry.
 * ``"bisect"`` (fast): finds the threshold key by a radix search over its 31
-  bits, each round counting entries below a candidate with one reduction over
+  (float64: 63) bits, each round counting entries below a candidate with one reduction over
   the parameters; all groups share one search loop. No sort and no copy of the
   parameters are asked for: on GPU XLA fuses it so (no parameter-sized
   temporaries at 1e8 entries); on CPU XLA materializes the keys and the counts
@@ -47,15 +49,31 @@ METHODS = ("sort", "bisect")
 _RADIX_BITS = 1
 # Largest group size (entries) for which the count fits our int32 arithmetic.
 MAX_GROUP_SIZE = 2**31 - 1
-_SIGN_OFF = 0x7FFFFFFF
 
 
-def magnitude_keys(x: jax.Array) -> jax.Array:
-  """uint32 keys ordered like ``|x|``, with NaN above ``inf``."""
-  if x.dtype != jnp.float32:
-    x = x.astype(jnp.float32)  # Exact for bf16, f16; f64 rounds to nearest.
-  bits = lax.bitcast_convert_type(x, jnp.uint32)
-  return bits & jnp.uint32(_SIGN_OFF)
+def needs_wide_keys(leaves: Sequence[jax.Array]) -> bool:
+  """Whether a group must be ranked by float64 keys (it holds a float64 leaf)."""
+  return any(jnp.result_type(x) == jnp.float64 for x in leaves)
+
+
+def magnitude_keys(x: jax.Array, wide: bool = False) -> jax.Array:
+  """Unsigned keys ordered like ``|x|``, with NaN above ``inf``.
+
+  uint32 keys from the float32 value (exact for bf16, f16, f32; float64 would
+  round to nearest), or with ``wide`` uint64 keys from the float64 value.
+  """
+  float_type, key_type = (
+      (jnp.float64, jnp.uint64) if wide else (jnp.float32, jnp.uint32)
+  )
+  if x.dtype != float_type:
+    x = x.astype(float_type)
+  bits = lax.bitcast_convert_type(x, key_type)
+  sign = key_type(1) << key_type(jnp.iinfo(key_type).bits - 1)
+  return bits & ~sign
+
+
+def _key_bits(wide: bool) -> int:
+  return 63 if wide else 31  # Sign bit cleared: the top bit is always 0.
 
 
 def prune_count(sparsity: jax.Array, n: int) -> jax.Array:
@@ -130,6 +148,8 @@ def _count(mask: jax.Array) -> jax.Array:
 def _radix_select(count_below, k: jax.Array, bits: int, radix_bits: int):
   """Per row g: largest ``t`` in [0, 2**bits) with ``count_below(t)[g] < k[g]``.
 
+  ``t`` is uint32 for ``bits <= 32``, else uint64.
+
   ``k`` has shape (G,), one target per independent search. ``count_below``
   takes candidates of shape (G, D) and returns their (G, D) counts, which must
   be non-decreasing in ``t``. For ``k[g] >= 1`` the result is the k-th
@@ -138,23 +158,25 @@ def _radix_select(count_below, k: jax.Array, bits: int, radix_bits: int):
   first, in one ``fori_loop``: G searches cost the loop trips of one, and the
   program compiles fast whatever the number of rounds.
   """
+  key_type = jnp.uint32 if bits <= 32 else jnp.uint64
   rounds = -(-bits // radix_bits)
-  digits = jnp.arange(1, 2**radix_bits, dtype=jnp.uint32)
+  digits = jnp.arange(1, 2**radix_bits, dtype=key_type)
 
   def one_round(r, found):
-    low = jnp.maximum(bits - (r + 1) * radix_bits, 0).astype(jnp.uint32)
-    width = (bits - r * radix_bits) - low.astype(jnp.int32)  # Last round: fewer.
-    allowed = digits < (jnp.uint32(1) << width.astype(jnp.uint32))
+    low = jnp.maximum(bits - (r + 1) * radix_bits, 0)
+    width = (bits - r * radix_bits) - low  # The last round may decide fewer.
+    low, width = low.astype(key_type), width.astype(key_type)
+    allowed = digits < (key_type(1) << width)
     candidates = found[:, None] | (digits << low)[None, :]
     below = (count_below(candidates) < k[:, None]) & allowed[None, :]
-    return found | (jnp.sum(below, axis=1, dtype=jnp.uint32) << low)
+    return found | (jnp.sum(below, axis=1, dtype=key_type) << low)
 
-  return lax.fori_loop(0, rounds, one_round, jnp.zeros(k.shape, jnp.uint32))
+  return lax.fori_loop(0, rounds, one_round, jnp.zeros(k.shape, key_type))
 
 
 def _count_below_each(x: jax.Array, candidates: jax.Array) -> jax.Array:
   """(D,) counts of keys of ``x`` below each of the (D,) candidates."""
-  keys = magnitude_keys(x)[..., None]
+  keys = magnitude_keys(x, candidates.dtype == jnp.uint64)[..., None]
   return jnp.sum(keys < candidates, axis=tuple(range(x.ndim)), dtype=jnp.uint32)
 
 
@@ -177,6 +199,9 @@ def masks_by_bisection(
   groups share one radix search loop.
   """
   k = jnp.stack([prune_count(sparsity, sum(x.size for x in g)) for g in groups])
+  # One loop for all groups, so one key width: float64 if any group needs it
+  # (float32 keys widen exactly, so every group's masks are unchanged).
+  wide = any(needs_wide_keys(g) for g in groups)
 
   def count_below(candidates):
     return jnp.stack([
@@ -185,11 +210,11 @@ def masks_by_bisection(
         for i, group in enumerate(groups)
     ])
 
-  thresholds = _radix_select(count_below, k, 31, _RADIX_BITS)
+  thresholds = _radix_select(count_below, k, _key_bits(wide), _RADIX_BITS)
   out = []
   for group, threshold, k_group in zip(groups, thresholds, k):
-    less = [_count(magnitude_keys(x) < threshold) for x in group]
-    equal = [_count(magnitude_keys(x) == threshold) for x in group]
+    less = [_count(magnitude_keys(x, wide) < threshold) for x in group]
+    equal = [_count(magnitude_keys(x, wide) == threshold) for x in group]
     remaining = k_group - sum(less)  # Ties at `threshold` still to prune.
     out.append([
         _keep_mask_from_index(x, threshold, ties, n_equal)
@@ -202,6 +227,7 @@ def _keep_mask_from_index(x, threshold, ties, n_equal):
   """Prunes keys below ``threshold`` and the first ``ties`` keys equal to it."""
   if x.size == 0:
     return jnp.ones(x.shape, jnp.bool_)
+  wide = threshold.dtype == jnp.uint64
 
   def cutoff_all():
     # Prune every tie (or none): the cutoff is past the end or at the start.
@@ -210,7 +236,7 @@ def _keep_mask_from_index(x, threshold, ties, n_equal):
   def cutoff_search():
     # Flat index just past the `ties`-th tie, by a radix search on the index.
     def count_below(candidates):  # (1, D) flat-index candidates.
-      is_tie = (magnitude_keys(x) == threshold)[..., None]
+      is_tie = (magnitude_keys(x, wide) == threshold)[..., None]
       index = _flat_index(x.shape)[..., None]
       return jnp.sum(
           is_tie & (index < candidates[0].astype(jnp.int32)),
@@ -224,7 +250,7 @@ def _keep_mask_from_index(x, threshold, ties, n_equal):
 
   needs_search = (ties > 0) & (ties < n_equal)
   cutoff = lax.cond(needs_search, cutoff_search, cutoff_all)
-  keys = magnitude_keys(x)
+  keys = magnitude_keys(x, wide)
   pruned = (keys < threshold) | (
       (keys == threshold) & (_flat_index(x.shape) < cutoff)
   )
@@ -251,9 +277,10 @@ def masks_by_sort(
   """
   n = sum(x.size for x in leaves)
   k = prune_count(sparsity, n)
+  wide = needs_wide_keys(leaves)
   shardings = [_explicit_sharding(x) for x in leaves]
   keys = [
-      magnitude_keys(jax.sharding.reshard(x, P()) if s else x).reshape(-1)
+      magnitude_keys(jax.sharding.reshard(x, P()) if s else x, wide).reshape(-1)
       for x, s in zip(leaves, shardings)
   ]
   if n == 0:

@@ -76,9 +76,7 @@ class _Plan(NamedTuple):
 
 
 def _is_schedule_leaf(x) -> bool:
-  return x is None or callable(x) or (
-      isinstance(x, (int, float)) and not isinstance(x, bool)
-  )
+  return x is None or callable(x) or _schedules.is_sparsity_number(x)
 
 
 def _broadcast_prefix(prefix, tree, is_leaf, name):

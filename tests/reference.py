@@ -6,12 +6,11 @@ from fractions import Fraction
 import numpy as np
 
 
-def magnitude_keys(x) -> np.ndarray:
-  """Ranking keys: float32 |x| bits (NaN above inf), flattened."""
-  x = np.asarray(x)
-  if x.dtype != np.float32:
-    x = x.astype(np.float32)
-  return (x.reshape(-1).view(np.uint32) & np.uint32(0x7FFFFFFF))
+def magnitude_keys(x, wide=False) -> np.ndarray:
+  """Ranking keys: |x| bits (NaN above inf), flattened; float64 bits if wide."""
+  float_type, key_type = (np.float64, np.uint64) if wide else (np.float32, np.uint32)
+  x = np.asarray(x).astype(float_type).reshape(-1)
+  return x.view(key_type) & ~(key_type(1) << key_type(8 * x.itemsize - 1))
 
 
 def prune_count(sparsity, n: int) -> int:
@@ -20,8 +19,12 @@ def prune_count(sparsity, n: int) -> int:
 
 
 def keep_masks(leaves, sparsity):
-  """Prunes the round(s*n) smallest keys of the group; ties by (leaf, index)."""
-  keys = np.concatenate([magnitude_keys(x) for x in leaves] or [np.zeros(0, np.uint32)])
+  """Prunes the round(s*n) smallest keys of the group; ties by (leaf, index).
+
+  A group with a float64 leaf is ranked by float64 values, others by float32.
+  """
+  wide = any(np.asarray(x).dtype == np.float64 for x in leaves)
+  keys = np.concatenate([magnitude_keys(x, wide) for x in leaves] or [np.zeros(0, np.uint32)])
   k = prune_count(sparsity, keys.size)
   order = np.argsort(keys, kind="stable")  # Stable: lower position first.
   keep = np.ones(keys.size, bool)

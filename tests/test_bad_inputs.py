@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import optax_prune
 
@@ -70,3 +71,98 @@ def test_params_that_change_structure_between_init_and_update():
   for params in ({"w": jnp.ones((3, 3)), "x": jnp.ones((2, 2))}, [jnp.ones((3, 3))]):
     with pytest.raises(ValueError, match="do not match the pruning state"):
       tx.update(params, state, params)
+
+
+# Random valid and invalid configurations: every invalid argument is refused at
+# construction with a ValueError naming it; every valid one builds and runs.
+_INT32_MAX = np.iinfo(np.int32).max
+_not_a_number = st.sampled_from(["0.5", None, [0.5], True, False, np.bool_(True), 1j])
+_bad_fraction = st.one_of(
+    _not_a_number, st.floats(allow_nan=True).filter(lambda v: not 0 <= v <= 1))
+_fraction = st.floats(0, 1) | st.sampled_from([0, 1, np.float32(0.25), np.float64(0.75)])
+
+
+def _bad_int(minimum):
+  return st.one_of(
+      _not_a_number, st.integers(max_value=minimum - 1),
+      st.integers(min_value=_INT32_MAX + 1), st.sampled_from([1.0, 2.5, np.float32(3)]))
+
+
+def _int(minimum, maximum=10**6):
+  return st.integers(minimum, maximum) | st.integers(minimum, minimum + 100).map(np.int64)
+
+
+# Per function: valid values per argument, and invalid ones where they exist.
+_VALID = {
+    optax_prune.log_schedule: dict(
+        sparsity_upper_bound=_fraction, interval_pass=_int(1), end_pass=_int(0),
+        steps_per_epoch=_int(1)),
+    optax_prune.polynomial_schedule: dict(
+        final_sparsity=_fraction, begin_step=_int(0, 1000), end_step=_int(1000),
+        frequency=_int(1), initial_sparsity=_fraction,
+        power=st.floats(0.01, 10) | st.sampled_from([1, 3])),
+    optax_prune.constant_schedule: dict(sparsity=_fraction, step=_int(0)),
+    optax_prune.magnitude_pruning: dict(
+        schedule=_fraction, scope=st.sampled_from(["layer", "global"]),
+        threshold=st.sampled_from(["auto", "sort", "bisect"]),
+        where=st.sampled_from([None, {"w": True, "b": False}, lambda path, x: True])),
+}
+_INVALID = {
+    "sparsity_upper_bound": _bad_fraction, "final_sparsity": _bad_fraction,
+    "initial_sparsity": _bad_fraction, "sparsity": _bad_fraction,
+    # None (nothing pruned) and lists (a pytree of schedules) are valid schedules.
+    "schedule": _bad_fraction.filter(lambda v: v is not None and not isinstance(v, list)),
+    "interval_pass": _bad_int(1), "end_pass": _bad_int(0), "steps_per_epoch": _bad_int(1),
+    "begin_step": _bad_int(0), "end_step": _bad_int(0), "frequency": _bad_int(1),
+    "step": _bad_int(0),
+    "power": st.one_of(_not_a_number, st.floats(max_value=0), st.sampled_from([np.inf, np.nan])),
+    "scope": st.text(max_size=8).filter(lambda v: v not in ("layer", "global")) | _not_a_number,
+    "threshold": st.text(max_size=8).filter(lambda v: v not in ("auto", "sort", "bisect")),
+    "where": st.sampled_from([[1, 2], {"w": 1}, "kernel", 0.5]),
+}
+_POSITIONAL = {optax_prune.magnitude_pruning: "schedule"}
+
+
+@st.composite
+def _configurations(draw, valid):
+  fn = draw(st.sampled_from(list(_VALID)))
+  kwargs = {name: draw(values) for name, values in _VALID[fn].items()}
+  bad = None
+  if not valid:
+    bad = draw(st.sampled_from([n for n in _VALID[fn] if n in _INVALID]))
+    kwargs[bad] = draw(_INVALID[bad])
+  return fn, kwargs, bad
+
+
+def _call(fn, kwargs):
+  kwargs = dict(kwargs)
+  args = [kwargs.pop(_POSITIONAL[fn])] if fn in _POSITIONAL else []
+  return fn(*args, **kwargs)
+
+
+@given(config=_configurations(valid=False))
+def test_random_invalid_configurations_name_the_argument(config):
+  fn, kwargs, bad = config
+  with pytest.raises(ValueError, match=f"`{bad}`"):
+    _call(fn, kwargs)
+
+
+@settings(max_examples=30)
+@given(config=_configurations(valid=True))
+def test_random_valid_configurations_build_and_prune(config):
+  fn, kwargs, _ = config
+  built = _call(fn, kwargs)
+  tx = built if fn is optax_prune.magnitude_pruning else optax_prune.magnitude_pruning(built)
+  params = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(3)}
+  _, state = jax.eval_shape(tx.update, params, tx.init(params), params)
+  assert state.masks["w"].shape == (3, 4)
+
+
+def test_a_group_past_int32_entries_is_refused_at_init():
+  # Abstract params: no 8 GiB leaf is allocated.
+  params = {"a": jax.ShapeDtypeStruct((2**16, 2**15 - 1), jnp.float32),
+            "b": jax.ShapeDtypeStruct((256, 257), jnp.float32)}
+  with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1"):
+    jax.eval_shape(optax_prune.magnitude_pruning(0.5, scope="global").init, params)
+  # Per layer each group fits.
+  jax.eval_shape(optax_prune.magnitude_pruning(0.5).init, params)

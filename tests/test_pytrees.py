@@ -1,5 +1,9 @@
-"""Random nested pytrees and configurations against the NumPy reference."""
+"""Random nested pytrees (dicts, lists, tuples, None, flax structs, NamedTuples)
+and configurations against the NumPy reference."""
 
+from typing import Any, NamedTuple
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +17,26 @@ from tests import reference
 _arrays = hnp.arrays(
     np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=5),
     elements=st.floats(-4, 4, width=32) | st.sampled_from([0.0, 1.0, -1.0]))
+
+
+@flax.struct.dataclass
+class _Block:  # A flax struct: two child subtrees and a static field.
+  kernel: Any
+  extra: Any
+  name: str = flax.struct.field(pytree_node=False, default="block")
+
+
+class _Pair(NamedTuple):
+  first: Any
+  second: Any
+
+
 _trees = st.recursive(
     _arrays | st.none(),
     lambda children: st.dictionaries(st.sampled_from("abcd"), children, max_size=3)
-    | st.lists(children, max_size=3) | st.tuples(children, children),
+    | st.lists(children, max_size=3) | st.tuples(children, children)
+    | st.builds(_Block, children, children, st.sampled_from(["x", "y"]))
+    | st.builds(_Pair, children, children),
     max_leaves=6)
 
 

@@ -142,3 +142,56 @@ def test_methods_agree_on_large_gaussian_leaves():
 def test_unknown_method_is_rejected():
   with pytest.raises(ValueError, match="method"):
     _thresholds.keep_masks([jnp.ones(3)], 0.5, "quickselect")
+
+
+# float64 (jax_enable_x64): values a float32 key could not tell apart.
+_close_to_one = st.integers(-2**20, 2**20).map(lambda i: 1.0 + i * 2.0**-45)
+_f64_values = st.one_of(_close_to_one, _special, st.floats(-1e300, 1e300))
+# Few shapes, so the examples share compilations (63-bit searches compile slower).
+_few_shapes = st.sampled_from([(0,), (1,), (2, 3), (17,)])
+
+
+@settings(max_examples=15)
+@given(
+    x=hnp.arrays(np.float64, _few_shapes, elements=_f64_values),
+    y=hnp.arrays(np.float32, _few_shapes, elements=_values),
+    sparsity=st.floats(0.0, 1.0, width=32),
+)
+def test_float64_is_ranked_at_float64_precision(x, y, sparsity):
+  with jax.enable_x64(True):
+    _assert_matches_reference([x], sparsity)
+    _assert_matches_reference([y, x], sparsity)  # A mixed group: float64 keys.
+
+
+def test_float64_neighbours_are_not_tied():
+  # Distinct float64 weights that all round to float32 1.0: only their float64
+  # order (reversed here) may decide, not their position.
+  x = 1.0 + np.arange(8, 0, -1) * 2.0**-40
+  assert len(set(x.astype(np.float32))) == 1
+  with jax.enable_x64(True):
+    for method in METHODS:
+      got = _masks([x], 0.5, method)[0]
+      np.testing.assert_array_equal(got, [True] * 4 + [False] * 4, err_msg=method)
+
+
+def test_exact_count_and_order_for_a_1e8_entry_leaf():
+  # 10**8 weights, 1000 distinct magnitudes with 10**5 ties each. At float32
+  # sparsity 0.7 (0.699999988...) exactly round(s * n) = 69,999,999 are pruned,
+  # not the 7 * 10**7 a float32 product gives; 99,999 of the 10**5 ties at the
+  # threshold, so the tie search over the flat index runs at full size.
+  n = 10**8
+  index = np.arange(n, dtype=np.int32)
+  x = ((index % 1000) * 7919 % 1000).astype(np.float32).reshape(10**4, 10**4)
+  del index
+  k = reference.prune_count(np.float32(0.7), n)
+  assert k == 69_999_999 and int(np.float32(0.7) * np.float32(n)) == 70_000_000
+  pruned = ~_masks([x], np.float32(0.7), "bisect")[0].reshape(-1)
+  x = x.reshape(-1)
+  # These three facts determine the mask: the count, smaller before larger,
+  # and ties at the threshold pruned in flat-index order.
+  assert int(pruned.sum()) == k
+  threshold = x[pruned].max()
+  assert threshold <= x[~pruned].min()
+  ties = np.flatnonzero(x == threshold)
+  tie_pruned = pruned[ties]
+  assert tie_pruned.sum() == 99_999 and tie_pruned[:99_999].all() and not tie_pruned[-1]

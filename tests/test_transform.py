@@ -100,14 +100,19 @@ def test_contract_against_reference(config, make_opt):
   assert previous_sparsity == pytest.approx(0.9, abs=2e-3)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64])
 def test_dtypes_keep_exact_zeros(dtype):
+  with jax.enable_x64(dtype == jnp.float64):  # float64 needs jax_enable_x64.
+    _check_exact_zeros(dtype)
+
+
+def _check_exact_zeros(dtype):
   tx = optax.chain(optax.adam(0.05), optax_prune.magnitude_pruning(0.75))
   for t, before, state, after in _train(tx, _params(dtype=dtype), 30):
     masks = optax_prune.find_pruning_state(state).masks
     for k in after:
       assert after[k]["kernel"].dtype == dtype
-      x = np.asarray(before[k]["kernel"].astype(jnp.float32))
+      x = np.asarray(before[k]["kernel"])  # The reference ranks float64 as float64.
       if t == 0:
         np.testing.assert_array_equal(np.asarray(masks[k]["kernel"]), reference.keep_masks([x], 0.75)[0])
       assert np.all(np.asarray(after[k]["kernel"])[~np.asarray(masks[k]["kernel"])] == 0)
