@@ -333,8 +333,14 @@ def measured_sparsity(state) -> float:
 
 
 def run_config(task: Task, schedule_name: str, sparsity: float, seeds: int,
-               epochs: int, scope: str, bar: tqdm) -> dict[str, Any]:
-  """Trains one (task, schedule, sparsity) for every seed; one record."""
+               epochs: int, scope: str, bar: tqdm,
+               granularity: Callable[[Any], Any] = lambda params: None,
+               ) -> dict[str, Any]:
+  """Trains one (task, schedule, sparsity) for every seed; one record.
+
+  ``granularity(abstract_params)`` gives ``magnitude_pruning``'s
+  ``granularity`` argument (default: unstructured).
+  """
   steps = task.steps_per_epoch
   # The last epoch that starts before training ends, so the final sparsity is
   # reached (and fine-tuned) also in very short runs.
@@ -343,11 +349,13 @@ def run_config(task: Task, schedule_name: str, sparsity: float, seeds: int,
   # Dense runs chain `magnitude_pruning(constant_schedule(0.0))`: every mask
   # stays true, so its updates are exactly adam's, and the measured sparsity
   # is read from masks like every other run's.
+  init = jax.jit(task.model.init)
+  shapes = jax.eval_shape(init, jax.random.key(0), task.example())["params"]
   tx = optax.chain(
       optax.adam(task.learning_rate),
-      optax_prune.magnitude_pruning(schedule, where=task.where, scope=scope),
+      optax_prune.magnitude_pruning(schedule, where=task.where, scope=scope,
+                                    granularity=granularity(shapes)),
   )
-  init = jax.jit(task.model.init)
   train_step = make_train_step(task)
   compiled = None
   values, sparsities, walls, trajectory = [], [], [], None

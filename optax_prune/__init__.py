@@ -2,6 +2,18 @@
 
 from importlib import metadata as _metadata
 
+from optax_prune._export import export_size_report
+from optax_prune._export import ExportSizeReport
+from optax_prune._export import LeafExportSize
+from optax_prune._export import nm_matmul
+from optax_prune._export import NMSparse
+from optax_prune._export import to_bcoo
+from optax_prune._export import to_nm
+from optax_prune._granularity import blocks
+from optax_prune._granularity import channels
+from optax_prune._granularity import n_of_m
+from optax_prune._granularity import unstructured
+from optax_prune._paths import by_path
 from optax_prune._schedules import constant_schedule
 from optax_prune._schedules import log_schedule
 from optax_prune._schedules import polynomial_schedule
@@ -21,16 +33,28 @@ except _metadata.PackageNotFoundError:  # Imported from a source tree.
   __version__ = "0.0.0"
 
 __all__ = (
+    "ExportSizeReport",
+    "LeafExportSize",
     "LeafSparsity",
     "MagnitudePruningState",
+    "NMSparse",
     "PruningSchedule",
     "PruningTarget",
     "SparsitySummary",
+    "blocks",
+    "by_path",
+    "channels",
     "constant_schedule",
+    "export_size_report",
     "find_pruning_state",
     "keep_masks",
     "log_schedule",
     "magnitude_pruning",
+    "n_of_m",
+    "nm_matmul",
     "polynomial_schedule",
     "sparsity_summary",
+    "to_bcoo",
+    "to_nm",
+    "unstructured",
 )

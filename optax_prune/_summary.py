@@ -60,6 +60,34 @@ class SparsitySummary(NamedTuple):
     return "\n".join([fmt(header), rule] + body + [rule] + totals)
 
 
+def pair_masks(tree: Any, masks: Any, name: str) -> tuple[list, list]:
+  """``tree``'s (path, leaf) pairs and each leaf's mask (None: not pruned).
+
+  ``masks`` is like the pruning state's: bool arrays and ``optax.MaskedNode``
+  (read as None), or None for no masks at all.
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  if masks is None:
+    return path_leaves, [None] * len(path_leaves)
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  try:
+    mask_leaves = treedef.flatten_up_to(masks)
+  except (ValueError, TypeError):
+    # Same leaves under wrapper nodes (an `nnx.State` of `Param`s beside the
+    # pure dicts of the optimizer state): pair them by path prefix.
+    mask_paths = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masked)[0]
+    mask_leaves = [m for _, m in mask_paths]
+    if len(mask_paths) != len(path_leaves) or not all(
+        jax.tree_util.keystr(path).startswith(jax.tree_util.keystr(mask_path))
+        for (mask_path, _), (path, _) in zip(mask_paths, path_leaves)
+    ):
+      raise ValueError(
+          f"`masks` must have the structure of `{name}`, as the pruning"
+          " state's `masks` have for the params."
+      ) from None
+  return path_leaves, [None if is_masked(m) else m for m in mask_leaves]
+
+
 def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
   """Counts zeros (and, given masks, pruned entries) in every array leaf.
 
@@ -82,29 +110,7 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
     >>> summary.rows[0].zeros, summary.sparsity
     (1, 0.5)
   """
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  if masks is None:
-    mask_leaves = [None] * len(path_leaves)
-  else:
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)
-    try:
-      mask_leaves = treedef.flatten_up_to(masks)
-    except (ValueError, TypeError):
-      # Same leaves under wrapper nodes (an `nnx.State` of `Param`s beside
-      # the pure dicts of the optimizer state): pair them by path prefix.
-      mask_paths = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masked)[0]
-      mask_leaves = [m for _, m in mask_paths]
-      if len(mask_paths) != len(path_leaves) or not all(
-          jax.tree_util.keystr(path).startswith(jax.tree_util.keystr(mask_path))
-          for (mask_path, _), (path, _) in zip(mask_paths, path_leaves)
-      ):
-        raise ValueError(
-            "`masks` must have the structure of `tree`, as the pruning state's"
-            " `masks` have for the params."
-        ) from None
-    mask_leaves = [
-        None if isinstance(m, optax.MaskedNode) else m for m in mask_leaves
-    ]
+  path_leaves, mask_leaves = pair_masks(tree, masks, "tree")
   rows = []
   for (path, leaf), mask in zip(path_leaves, mask_leaves):
     if not hasattr(leaf, "shape"):

@@ -191,14 +191,14 @@ def _ties_to_prune(equal_counts, remaining):
 
 
 def masks_by_bisection(
-    groups: Sequence[Sequence[jax.Array]], sparsity: jax.Array
+    groups: Sequence[Sequence[jax.Array]], counts: Sequence[jax.Array]
 ) -> list[list[jax.Array]]:
   """Keep-masks (True = kept) for independent groups; see the module docstring.
 
-  Each group is ranked on its own (one leaf per group: layer scope); all
-  groups share one radix search loop.
+  Each group is ranked on its own (one leaf per group: layer scope) and has
+  ``counts[g]`` (uint32) entries pruned; all groups share one search loop.
   """
-  k = jnp.stack([prune_count(sparsity, sum(x.size for x in g)) for g in groups])
+  k = jnp.stack(counts)
   # One loop for all groups, so one key width: float64 if any group needs it
   # (float32 keys widen exactly, so every group's masks are unchanged).
   wide = any(needs_wide_keys(g) for g in groups)
@@ -264,7 +264,7 @@ def _explicit_sharding(x: jax.Array):
 
 
 def masks_by_sort(
-    leaves: Sequence[jax.Array], sparsity: jax.Array
+    leaves: Sequence[jax.Array], k: jax.Array
 ) -> list[jax.Array]:
   """Keep-masks by the sort reference; identical to ``masks_by_bisection``.
 
@@ -274,9 +274,9 @@ def masks_by_sort(
   gathered whole onto each of them (an all-gather; under Explicit mesh axes an
   explicit reshard, and the mask is resharded back). ``threshold="auto"``
   therefore never picks it for large groups nor for split leaves.
+  ``k`` (uint32) entries are pruned.
   """
   n = sum(x.size for x in leaves)
-  k = prune_count(sparsity, n)
   wide = needs_wide_keys(leaves)
   shardings = [_explicit_sharding(x) for x in leaves]
   keys = [
@@ -303,6 +303,35 @@ def masks_by_sort(
   return masks
 
 
+def clip_sparsity(sparsity: jax.Array) -> jax.Array:
+  """float32 sparsity clipped to [0, 1]; NaN counts as 0."""
+  sparsity = jnp.asarray(sparsity, jnp.float32)
+  return jnp.where(jnp.isnan(sparsity), 0.0, jnp.clip(sparsity, 0.0, 1.0))
+
+
+def keep_masks_for_counts(
+    groups: Sequence[Sequence[jax.Array]],
+    counts: Sequence[jax.Array],
+    method: str,
+) -> list[list[jax.Array]]:
+  """Keep-masks for independent groups, group ``g`` losing ``counts[g]`` entries.
+
+  Args:
+    groups: groups of floating arrays; each group is ranked together.
+    counts: per group, a uint32 scalar in [0, group size].
+    method: one of ``METHODS``.
+
+  Returns:
+    Per group, one bool array per leaf, True where the entry is kept.
+  """
+  counts = [jnp.asarray(k, jnp.uint32) for k in counts]
+  if method == "bisect":
+    return masks_by_bisection(groups, counts) if groups else []
+  if method == "sort":
+    return [masks_by_sort(group, k) for group, k in zip(groups, counts)]
+  raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
+
+
 def keep_masks_of_groups(
     groups: Sequence[Sequence[jax.Array]], sparsity: jax.Array, method: str
 ) -> list[list[jax.Array]]:
@@ -316,13 +345,9 @@ def keep_masks_of_groups(
   Returns:
     Per group, one bool array per leaf, True where the entry is kept.
   """
-  sparsity = jnp.asarray(sparsity, jnp.float32)
-  sparsity = jnp.where(jnp.isnan(sparsity), 0.0, jnp.clip(sparsity, 0.0, 1.0))
-  if method == "bisect":
-    return masks_by_bisection(groups, sparsity) if groups else []
-  if method == "sort":
-    return [masks_by_sort(group, sparsity) for group in groups]
-  raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
+  sparsity = clip_sparsity(sparsity)
+  counts = [prune_count(sparsity, sum(x.size for x in g)) for g in groups]
+  return keep_masks_for_counts(groups, counts, method)
 
 
 def keep_masks(

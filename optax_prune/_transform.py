@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from optax_prune import _distributions
+from optax_prune import _granularity
+from optax_prune import _paths
 from optax_prune import _schedules
+from optax_prune import _scores
 from optax_prune import _thresholds
 
 SCOPES = ("layer", "global")
@@ -61,8 +65,9 @@ class MagnitudePruningState(NamedTuple):
   count: jax.Array  # int32 scalar: optimizer steps taken so far.
   masks: Any  # Like params: bool arrays (True = kept) for pruned leaves,
   #              `optax.MaskedNode()` for leaves that are never pruned.
-  target_sparsity: Any  # Like `masks`: float32 scalars, the sparsity of the
-  #                       last mask update of each pruned leaf.
+  target_sparsity: Any  # Like `masks`: float32 scalars, the sparsity asked of
+  #                       each pruned leaf at its last mask update (of its
+  #                       units; with "erk", the leaf's own share).
 
 
 class _Plan(NamedTuple):
@@ -70,6 +75,7 @@ class _Plan(NamedTuple):
 
   treedef: Any
   pruned: tuple[bool, ...]  # Per flat leaf.
+  granularities: tuple[Any, ...]  # Per flat leaf (None where unpruned).
   groups: tuple[tuple[int, ...], ...]  # Leaf indices ranked together.
   group_schedules: tuple[Callable, ...]  # One schedule per group.
   group_methods: tuple[str, ...]  # Threshold method per group.
@@ -77,6 +83,20 @@ class _Plan(NamedTuple):
 
 def _is_schedule_leaf(x) -> bool:
   return x is None or callable(x) or _schedules.is_sparsity_number(x)
+
+
+def _spec_values(spec, is_leaf) -> list:
+  """The values a per-leaf setting can take: a prefix tree's leaves, or rules'."""
+  if isinstance(spec, _paths.PathRules):
+    return spec.values()
+  return jax.tree.leaves(spec, is_leaf=is_leaf)
+
+
+def _per_leaf(spec, tree, path_leaves, is_leaf, name):
+  """One value of ``spec`` per leaf of ``tree``: by path rules or by prefix."""
+  if isinstance(spec, _paths.PathRules):
+    return [spec.resolve(jax.tree_util.keystr(path)) for path, _ in path_leaves]
+  return _broadcast_prefix(spec, tree, is_leaf, name)
 
 
 def _broadcast_prefix(prefix, tree, is_leaf, name):
@@ -92,6 +112,10 @@ def _broadcast_prefix(prefix, tree, is_leaf, name):
   return [v for v, sub in zip(values, subtrees) for _ in jax.tree.leaves(sub)]
 
 
+def _is_granularity_leaf(x) -> bool:
+  return x is None or isinstance(x, _granularity.Granularity)
+
+
 def _default_where(path, leaf) -> bool:
   del path
   return jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and jnp.ndim(leaf) >= 2
@@ -103,6 +127,10 @@ def magnitude_pruning(
     where: Union[None, Callable[[Any, Any], bool], Any] = None,
     scope: str = "layer",
     threshold: str = "auto",
+    granularity: Any = None,
+    distribution: str = "uniform",
+    score: Union[str, _scores.ScoreFn] = "magnitude",
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   r"""Gradual magnitude pruning as the last link of an optax chain.
 
@@ -141,6 +169,24 @@ def magnitude_pruning(
       ``"auto"`` (sort for groups of at most ``AUTO_SORT_MAX_SIZE`` entries
       that are known not to be split over devices, bisect otherwise). All
       give identical masks.
+    granularity: what one decision prunes: ``None`` or
+      :func:`unstructured` (entries), :func:`n_of_m`, :func:`blocks`,
+      :func:`channels`; or a pytree of those that is a prefix of the params,
+      or :func:`by_path` rules, for per-leaf choices. The sparsity then counts
+      units (groups, blocks, channels). With ``scope="global"`` the leaves
+      that share a schedule and a granularity are ranked together.
+    distribution: how a schedule's sparsity is shared among its leaves with
+      ``scope="layer"``: ``"uniform"`` (each leaf at the schedule's sparsity)
+      or ``"erk"`` (Erdos-Renyi-Kernel densities; exactly
+      ``round(s * total units)`` pruned over the leaves, none beyond 1).
+      Leaves with their own schedule (or ``None``) in ``schedule`` are
+      outside the distribution: that is how layers are kept dense.
+    score: what ranks the entries: ``"magnitude"`` (``|w|``),
+      ``"saliency"`` (``|w * u|`` with ``u`` the update this transformation
+      receives), ``"random"`` (uniform, from ``seed`` and the step count:
+      reproducible, also after a resume), or a callable
+      ``score(param, update, key) -> array`` of the param's shape.
+    seed: integer seed of the keys passed to ``score``.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
@@ -166,14 +212,34 @@ def magnitude_pruning(
     raise ValueError(
         f"`threshold` must be one of {THRESHOLDS}; got {threshold!r}."
     )
-  schedule_values, schedule_def = jax.tree.flatten(
-      schedule, is_leaf=_is_schedule_leaf
-  )
+  if distribution not in _distributions.DISTRIBUTIONS:
+    raise ValueError(
+        f"`distribution` must be one of {_distributions.DISTRIBUTIONS}; got"
+        f" {distribution!r}."
+    )
+  if distribution != "uniform" and scope != "layer":
+    raise ValueError(
+        f"`distribution={distribution!r}` shares a target among leaves ranked"
+        " on their own: it needs `scope='layer'` (global scope already ranks"
+        " the leaves together)."
+    )
+  score_fn = _scores.resolve(score)
+  if isinstance(seed, (bool, jnp.bool_)) or not isinstance(seed, int):
+    raise ValueError(f"`seed` must be an integer; got {seed!r}.")
+  bad = [g for g in _spec_values(granularity, _is_granularity_leaf)
+         if not _is_granularity_leaf(g)]
+  if bad:
+    raise ValueError(
+        "`granularity` must be None, a granularity (`optax_prune.unstructured()`,"
+        " `n_of_m(...)`, `blocks(...)`, `channels(...)`), a pytree of those or"
+        f" `by_path` rules; it holds {bad[0]!r}."
+    )
+  schedule_values = _spec_values(schedule, _is_schedule_leaf)
   # Check every schedule now, so a bad one never fails inside jit.
   checked = {}
   for i, value in enumerate(schedule_values):
     if value is not None and id(value) not in checked:
-      name = "schedule" if schedule_def.num_leaves == 1 else f"schedule[{i}]"
+      name = "schedule" if len(schedule_values) == 1 else f"schedule[{i}]"
       checked[id(value)] = _schedules.check_schedule(name, value)
   if not callable(where) and where is not None:
     bad = [
@@ -193,25 +259,38 @@ def magnitude_pruning(
       chosen = [bool(predicate(path, leaf)) for path, leaf in path_leaves]
     else:
       chosen = [bool(w) for w in _broadcast_prefix(where, params, None, "where")]
-    schedules = _broadcast_prefix(schedule, params, _is_schedule_leaf, "schedule")
+    schedules = _per_leaf(
+        schedule, params, path_leaves, _is_schedule_leaf, "schedule")
+    granularities = _per_leaf(
+        granularity, params, path_leaves, _is_granularity_leaf, "granularity")
     pruned = tuple(c and s is not None for c, s in zip(chosen, schedules))
-    for (path, leaf), is_pruned in zip(path_leaves, pruned):
+    granularities = [
+        (g or _granularity.Unstructured()) if p else None
+        for g, p in zip(granularities, pruned)
+    ]
+    units = []
+    for (path, leaf), is_pruned, g in zip(path_leaves, pruned, granularities):
       dtype = jnp.result_type(leaf)
+      name = jax.tree_util.keystr(path)
       if is_pruned and not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
-            f"`where` selects leaf {jax.tree_util.keystr(path)} of dtype"
-            f" {dtype}, but only floating leaves can be pruned; exclude it"
-            " from `where`."
+            f"`where` selects leaf {name} of dtype {dtype}, but only floating"
+            " leaves can be pruned; exclude it from `where`."
         )
+      if is_pruned:
+        g.check(name, jnp.shape(leaf))
+        _scores.check(score_fn, name, leaf)
+      units.append(
+          _granularity.unit_count(g, jnp.shape(leaf)) if is_pruned else 0)
     groups: dict = {}
     for i, is_pruned in enumerate(pruned):
       if is_pruned:
-        key = id(schedules[i]) if scope == "global" else i
+        key = (id(schedules[i]), granularities[i]) if scope == "global" else i
         groups.setdefault(key, []).append(i)
     group_list = tuple(tuple(g) for g in groups.values())
     methods = []
     for group in group_list:
-      size = sum(int(jnp.size(leaves[i])) for i in group)
+      size = sum(units[i] for i in group)
       if size > _thresholds.MAX_GROUP_SIZE:
         raise ValueError(
             f"a pruning group holds {size} entries; at most 2**31 - 1 are"
@@ -222,6 +301,7 @@ def magnitude_pruning(
     return _Plan(
         treedef=treedef,
         pruned=pruned,
+        granularities=tuple(granularities),
         groups=group_list,
         group_schedules=tuple(checked[id(schedules[g[0]])] for g in group_list),
         group_methods=tuple(methods),
@@ -269,20 +349,13 @@ def magnitude_pruning(
       )
     for schedule, jobs in by_schedule.values():
       target = schedule(state.count)
-      sparsity = jnp.asarray(target.sparsity, jnp.float32)
+      sparsity = _thresholds.clip_sparsity(target.sparsity)
       indices = [i for group, _ in jobs for i in group]
 
       def recompute(jobs=jobs, sparsity=sparsity):
-        # Groups that share a method share one kernel call (one search loop).
-        new = {}
-        for method in sorted({m for _, m in jobs}):
-          groups = [g for g, m in jobs if m == method]
-          found = _thresholds.keep_masks_of_groups(
-              [[param_leaves[i] for i in g] for g in groups], sparsity, method)
-          for group, group_masks in zip(groups, found):
-            new.update(zip(group, group_masks))
-        ordered = [new[i] for group, _ in jobs for i in group]
-        return ordered, [sparsity] * len(ordered)
+        masks, targets = _recompute_masks(
+            plan, jobs, sparsity, param_leaves, update_leaves, state.count)
+        return [masks[i] for i in indices], [targets[i] for i in indices]
 
       old = ([masks[i] for i in indices], [targets[i] for i in indices])
       new_masks, new_targets = lax.cond(
@@ -301,6 +374,38 @@ def magnitude_pruning(
         target_sparsity=plan.treedef.unflatten(targets),
     )
     return plan.treedef.unflatten(new_updates), new_state
+
+  def _recompute_masks(plan, jobs, sparsity, param_leaves, update_leaves, count):
+    """New keep-masks and targets, by leaf index, for one schedule's groups."""
+    key = jax.random.fold_in(jax.random.key(seed), count)
+    scores, unit_scores = {}, {}
+    for group, _ in jobs:
+      for i in group:
+        scores[i] = score_fn(
+            param_leaves[i], update_leaves[i], jax.random.fold_in(key, i))
+        unit_scores[i] = plan.granularities[i].unit_scores(scores[i])
+    sizes = [sum(unit_scores[i].size for i in group) for group, _ in jobs]
+    if distribution == "erk":  # Layer scope: one leaf per group.
+      ratios = [_distributions.erk_ratio(param_leaves[g[0]].shape) for g, _ in jobs]
+      counts = _distributions.erk_prune_counts(sizes, ratios, sparsity)
+      shares = [
+          c.astype(jnp.float32) / max(n, 1) for c, n in zip(counts, sizes)
+      ]
+    else:
+      counts = _distributions.uniform_prune_counts(sizes, sparsity)
+      shares = [sparsity] * len(jobs)
+    masks, targets = {}, {}
+    # Groups that share a method share one kernel call (one search loop).
+    for method in sorted({m for _, m in jobs}):
+      chosen = [j for j, (_, m) in enumerate(jobs) if m == method]
+      found = _thresholds.keep_masks_for_counts(
+          [[unit_scores[i] for i in jobs[j][0]] for j in chosen],
+          [counts[j] for j in chosen], method)
+      for j, unit_keeps in zip(chosen, found):
+        for i, unit_keep in zip(jobs[j][0], unit_keeps):
+          masks[i] = plan.granularities[i].expand(unit_keep, scores[i])
+          targets[i] = shares[j]
+    return masks, targets
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -52,3 +52,63 @@ def polynomial_sparsity(step, final, begin, end, frequency, initial, power):
   if end == begin:
     return final
   return final + (initial - final) * (1 - (last - begin) / (end - begin)) ** power
+
+
+# Structured granularities: unit scores in float64 from loops, then the same
+# unit ranking as entries (`keep_masks` on the unit scores).
+def n_of_m_masks(x, sparsity, n, m, axis):
+  """Groups of m along `axis`; round(s*G) cheapest groups keep their n largest."""
+  x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+  groups = x.reshape(-1, m)
+  keys = [magnitude_keys(g.astype(np.float32)) for g in groups]
+  # Within a group: the m-n smallest keys (stable: lower position first) go.
+  lose = [np.argsort(k, kind="stable")[: m - n] for k in keys]
+  cost = np.array([np.abs(g[i]).sum() for g, i in zip(groups, lose)], np.float32)
+  chosen = ~keep_masks([cost], sparsity)[0]
+  keep = np.ones(groups.shape, bool)
+  for g, (i, c) in enumerate(zip(lose, chosen)):
+    if c:
+      keep[g, i] = False
+  return np.moveaxis(keep.reshape(x.shape), -1, axis)
+
+
+def block_masks(x, sparsity, bh, bw, reduce):
+  """(bh, bw) blocks of the last two axes, edge blocks over their real entries."""
+  x = np.abs(np.asarray(x, np.float64))
+  h, w = x.shape[-2:]
+  lead = x.reshape((-1, h, w))
+  hb, wb = -(-h // bh), -(-w // bw)
+  scores = np.zeros((lead.shape[0], hb, wb))
+  for b in range(lead.shape[0]):
+    for i in range(hb):
+      for j in range(wb):
+        block = lead[b, i * bh:(i + 1) * bh, j * bw:(j + 1) * bw]
+        scores[b, i, j] = block.max() if reduce == "max" else block.mean()
+  unit_keep = keep_masks([scores.astype(np.float32)], sparsity)[0]
+  keep = np.repeat(np.repeat(unit_keep, bh, axis=1), bw, axis=2)[:, :h, :w]
+  return keep.reshape(x.shape)
+
+
+def channel_masks(x, sparsity, axis, norm):
+  x = np.moveaxis(np.asarray(x, np.float64), axis, 0)
+  flat = x.reshape(x.shape[0], -1)
+  order = 1 if norm == "l1" else 2
+  scores = np.linalg.norm(flat, ord=order, axis=1) if flat.shape[1] else np.zeros(len(flat))
+  unit_keep = keep_masks([scores.astype(np.float32)], sparsity)[0]
+  keep = np.broadcast_to(unit_keep.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape)
+  return np.moveaxis(keep, 0, axis)
+
+
+def erk_densities(shapes, sparsity):
+  """ERK densities in float64: cap the largest ratio at 1 until the rest fit."""
+  sizes = np.array([np.prod(s) for s in shapes], np.float64)
+  ratios = np.array([sum(s) / np.prod(s) for s in shapes], np.float64)
+  dense = np.zeros(len(shapes), bool)
+  while True:
+    keep = (1 - sparsity) * sizes.sum() - sizes[dense].sum()
+    rest = (ratios * sizes)[~dense].sum()
+    epsilon = keep / rest if rest else 0.0
+    density = np.where(dense, 1.0, epsilon * ratios)
+    if not (density > 1).any():
+      return density
+    dense |= density > 1

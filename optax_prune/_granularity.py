@@ -1,0 +1,298 @@
+"""What one pruning decision removes: an entry, an N:M group, a block, a channel.
+
+Every granularity reduces a leaf's scores to *unit scores*, ranks the units
+with the same exact threshold kernels as single entries (``round(s * units)``
+units pruned, smallest ``|score|`` first, ties by position), and expands the
+unit decisions back to a keep-mask of the leaf's shape:
+
+* :func:`unstructured`: a unit is an entry (the default).
+* :func:`n_of_m`: a unit is a group of ``m`` consecutive entries along
+  ``axis``; a pruned unit keeps only its ``n`` largest entries. The schedule's
+  sparsity is the share of groups made N:M-sparse (cheapest first: a group's
+  score is the sum of the ``|score|`` it would lose), so at sparsity 1 every
+  group is N:M and the leaf's entry sparsity is ``(m - n) / m``.
+* :func:`blocks`: a unit is a ``(bh, bw)`` block of the last two axes, scored
+  by the mean or max ``|score|`` of its entries; edge blocks of a shape that
+  is not a multiple are smaller and scored over their real entries only.
+* :func:`channels`: a unit is a slice at one index of ``axis`` (a filter or an
+  output channel), scored by the L1 or L2 norm of its entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_prune import _thresholds
+
+
+def _score_dtype(x: jax.Array):
+  """float32, or float64 for float64 scores (ranked at full precision)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _check_axis(name: str, axis, shape, path: str) -> int:
+  if not -len(shape) <= axis < len(shape):
+    raise ValueError(
+        f"`{name}` axis {axis} is out of range for leaf {path} of shape"
+        f" {tuple(shape)}; choose another granularity for it."
+    )
+  return axis % len(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unstructured:
+  """Each entry is ranked on its own."""
+
+  def check(self, path: str, shape: Sequence[int]) -> None:
+    del path, shape
+
+  def unit_scores(self, scores: jax.Array) -> jax.Array:
+    return scores
+
+  def expand(self, unit_keep: jax.Array, scores: jax.Array) -> jax.Array:
+    del scores
+    return unit_keep
+
+
+@dataclasses.dataclass(frozen=True)
+class NOfM:
+  """At most ``n`` of every ``m`` consecutive entries along ``axis`` kept."""
+
+  n: int = 2
+  m: int = 4
+  axis: int = -1
+
+  def check(self, path: str, shape: Sequence[int]) -> None:
+    axis = _check_axis("n_of_m", self.axis, shape, path)
+    if shape[axis] % self.m:
+      raise ValueError(
+          f"`n_of_m` needs the length of axis {self.axis} of leaf {path}"
+          f" (shape {tuple(shape)}) to be a multiple of m={self.m}; pick"
+          " another axis or granularity for this leaf."
+      )
+
+  def _groups(self, x: jax.Array) -> jax.Array:
+    """``x`` with ``axis`` last and split: (..., groups, m)."""
+    x = jnp.moveaxis(x, self.axis, -1)
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // self.m, self.m))
+
+  def _kept_in_group(self, scores: jax.Array) -> jax.Array:
+    """(..., groups, m) bools: the ``n`` largest ``|score|`` of each group.
+
+    An entry's rank is the number of entries of its group below it (ties:
+    the lower position is below), from ``m * m`` key comparisons.
+    """
+    keys = _thresholds.magnitude_keys(
+        scores, _thresholds.needs_wide_keys([scores])
+    )
+    keys = self._groups(keys)
+    mine, other = keys[..., :, None], keys[..., None, :]
+    position = jnp.arange(self.m)
+    earlier = position[None, :] < position[:, None]
+    below = (other < mine) | ((other == mine) & earlier)
+    rank = jnp.sum(below, axis=-1)
+    return rank >= self.m - self.n
+
+  def unit_scores(self, scores: jax.Array) -> jax.Array:
+    lost = jnp.where(self._kept_in_group(scores), 0, jnp.abs(self._groups(scores)))
+    return jnp.sum(lost, axis=-1, dtype=_score_dtype(scores))
+
+  def expand(self, unit_keep: jax.Array, scores: jax.Array) -> jax.Array:
+    keep = self._kept_in_group(scores) | unit_keep[..., None]
+    keep = keep.reshape(keep.shape[:-2] + (-1,))
+    return jnp.moveaxis(keep, -1, self.axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """``(bh, bw)`` blocks of the last two axes, scored by mean or max."""
+
+  shape: tuple[int, int] = (4, 4)
+  reduce: str = "mean"
+
+  def check(self, path: str, shape: Sequence[int]) -> None:
+    if len(shape) < 2:
+      raise ValueError(
+          f"`blocks` needs a leaf with at least 2 axes; leaf {path} has shape"
+          f" {tuple(shape)}. Exclude it with `where` or give it another"
+          " granularity."
+      )
+
+  def _padded(self, x: jax.Array) -> jax.Array:
+    (bh, bw), (h, w) = self.shape, x.shape[-2:]
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, -h % bh), (0, -w % bw)]
+    x = jnp.pad(x, pad)  # Zeros: no effect on a sum of |s| or on a max.
+    hb, wb = x.shape[-2] // bh, x.shape[-1] // bw
+    return x.reshape(x.shape[:-2] + (hb, bh, wb, bw))
+
+  def unit_scores(self, scores: jax.Array) -> jax.Array:
+    magnitude = self._padded(jnp.abs(scores).astype(_score_dtype(scores)))
+    if self.reduce == "max":
+      return jnp.max(magnitude, axis=(-3, -1))
+    (bh, bw), (h, w) = self.shape, scores.shape[-2:]
+    # Real entries per block: edge blocks of a ragged shape hold fewer.
+    rows = np.minimum(bh, h - bh * np.arange(-(-h // bh)))
+    cols = np.minimum(bw, w - bw * np.arange(-(-w // bw)))
+    counts = jnp.asarray(np.outer(rows, cols), magnitude.dtype)
+    return jnp.sum(magnitude, axis=(-3, -1)) / counts
+
+  def expand(self, unit_keep: jax.Array, scores: jax.Array) -> jax.Array:
+    (bh, bw), (h, w) = self.shape, scores.shape[-2:]
+    keep = jnp.repeat(jnp.repeat(unit_keep, bh, axis=-2), bw, axis=-1)
+    return keep[..., :h, :w]
+
+
+@dataclasses.dataclass(frozen=True)
+class Channels:
+  """Whole slices along ``axis``, scored by their L1 or L2 norm."""
+
+  axis: int = -1
+  norm: str = "l2"
+
+  def check(self, path: str, shape: Sequence[int]) -> None:
+    _check_axis("channels", self.axis, shape, path)
+
+  def unit_scores(self, scores: jax.Array) -> jax.Array:
+    others = tuple(a for a in range(scores.ndim) if a != self.axis % scores.ndim)
+    magnitude = jnp.abs(scores).astype(_score_dtype(scores))
+    if self.norm == "l1":
+      return jnp.sum(magnitude, axis=others)
+    return jnp.sqrt(jnp.sum(magnitude * magnitude, axis=others))
+
+  def expand(self, unit_keep: jax.Array, scores: jax.Array) -> jax.Array:
+    axis = self.axis % scores.ndim
+    shape = [1] * scores.ndim
+    shape[axis] = scores.shape[axis]
+    return jnp.broadcast_to(unit_keep.reshape(shape), scores.shape)
+
+
+Granularity = Unstructured | NOfM | Blocks | Channels
+
+
+def _positive_int(name: str, value) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+  if value < 1:
+    raise ValueError(f"`{name}` must be a positive integer; got {value}.")
+  return int(value)
+
+
+def _integer(name: str, value) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"`{name}` must be an integer; got {value!r}.")
+  return int(value)
+
+
+def unstructured() -> Unstructured:
+  """Entries ranked one by one: the default granularity.
+
+  Examples:
+    >>> import optax_prune
+    >>> tx = optax_prune.magnitude_pruning(
+    ...     0.5, granularity=optax_prune.unstructured())
+  """
+  return Unstructured()
+
+
+def n_of_m(n: int = 2, m: int = 4, *, axis: int = -1) -> NOfM:
+  r"""N:M sparsity: at most ``n`` of every ``m`` consecutive entries kept.
+
+  The leaf's ``axis`` is cut into groups of ``m`` (its length must be a
+  multiple of ``m``, checked at ``init``). At scheduled sparsity :math:`s`
+  exactly :math:`\mathrm{round}(s \cdot G)` of the :math:`G` groups are made
+  N:M-sparse, those that lose the least ``sum |score|``; in each, the
+  ``m - n`` smallest entries are pruned (ties: lower position first). At
+  :math:`s = 1` the whole leaf is N:M with entry sparsity :math:`(m-n)/m`.
+  For NVIDIA's 2:4 sparse tensor cores use ``n_of_m(2, 4)`` along the
+  contraction axis of a kernel (``axis=0`` for a flax ``Dense`` kernel of
+  shape ``(in, out)``).
+
+  Args:
+    n: entries kept per group, ``1 <= n < m``.
+    m: group length, ``m >= 2``.
+    axis: the axis cut into groups.
+
+  Returns:
+    A granularity for ``magnitude_pruning(granularity=...)``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_prune
+    >>> tx = optax_prune.magnitude_pruning(
+    ...     1.0, granularity=optax_prune.n_of_m(2, 4, axis=0))
+    >>> w = {"w": jnp.arange(1.0, 9.0).reshape(4, 2)}
+    >>> tx.update(w, tx.init(w), w)[1].masks["w"].T
+    Array([[False, False,  True,  True],
+           [False, False,  True,  True]], dtype=bool)
+  """
+  m = _positive_int("m", m)
+  n = _positive_int("n", n)
+  if not 1 <= n < m:
+    raise ValueError(f"`n` must satisfy 1 <= n < m; got n={n}, m={m}.")
+  return NOfM(n, m, _integer("axis", axis))
+
+
+def blocks(shape: tuple[int, int] = (4, 4), *, reduce: str = "mean") -> Blocks:
+  """Block sparsity: ``(bh, bw)`` blocks of the last two axes pruned whole.
+
+  Leading axes (a conv kernel's spatial ones) are independent rows of blocks.
+  A block's score is the mean or the max ``|score|`` of its entries; when the
+  last two axes are not multiples of the block, the edge blocks are smaller
+  and their mean is taken over their real entries. The scheduled sparsity
+  counts blocks: exactly ``round(s * blocks)`` are pruned.
+
+  Args:
+    shape: ``(bh, bw)``, positive integers.
+    reduce: ``"mean"`` or ``"max"``.
+
+  Returns:
+    A granularity for ``magnitude_pruning(granularity=...)``.
+
+  Examples:
+    >>> import optax_prune
+    >>> granularity = optax_prune.blocks((4, 4), reduce="max")
+  """
+  if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+    raise ValueError(f"`shape` must be a pair (bh, bw); got {shape!r}.")
+  shape = (_positive_int("shape[0]", shape[0]), _positive_int("shape[1]", shape[1]))
+  if reduce not in ("mean", "max"):
+    raise ValueError(f"`reduce` must be 'mean' or 'max'; got {reduce!r}.")
+  return Blocks(shape, reduce)
+
+
+def channels(*, axis: int = -1, norm: str = "l2") -> Channels:
+  """Channel (filter) sparsity: whole slices along ``axis`` pruned together.
+
+  A slice's score is the L1 or L2 norm of its entries' scores; the scheduled
+  sparsity counts slices: exactly ``round(s * shape[axis])`` are pruned. For
+  a flax ``Conv`` or ``Dense`` kernel ``axis=-1`` prunes output channels
+  (filters), ``axis=-2`` input channels.
+
+  Args:
+    axis: the axis whose slices are units.
+    norm: ``"l1"`` or ``"l2"``.
+
+  Returns:
+    A granularity for ``magnitude_pruning(granularity=...)``.
+
+  Examples:
+    >>> import optax_prune
+    >>> granularity = optax_prune.channels(axis=-1, norm="l1")
+  """
+  if norm not in ("l1", "l2"):
+    raise ValueError(f"`norm` must be 'l1' or 'l2'; got {norm!r}.")
+  return Channels(_integer("axis", axis), norm)
+
+
+def unit_count(granularity: Granularity, shape: Sequence[int]) -> int:
+  """Number of units of a leaf of ``shape`` (static)."""
+  return math.prod(
+      jax.eval_shape(
+          granularity.unit_scores, jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+      ).shape
+  )

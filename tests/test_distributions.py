@@ -1,0 +1,95 @@
+"""ERK and uniform distributions: exact totals, bounds, the ERK formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import optax_prune
+from optax_prune import _distributions
+from tests import reference
+
+_shapes = st.lists(
+    st.sampled_from([(3, 3, 1, 8), (3, 3, 8, 16), (64, 10), (784, 300), (300, 100),
+                     (100, 10), (5,), (1, 1), (0, 4), (4096, 4096)]),
+    min_size=1, max_size=6)
+
+
+@settings(max_examples=40)
+@given(shapes=_shapes, sparsity=st.floats(0, 1, width=32))
+def test_erk_counts_are_exact_bounded_and_follow_the_formula(shapes, sparsity):
+  sizes = [int(np.prod(s)) for s in shapes]
+  ratios = [_distributions.erk_ratio(s) for s in shapes]
+  # Eager: every example has other static sizes, a jit would compile each.
+  counts = np.array(_distributions.erk_prune_counts(sizes, ratios, np.float32(sparsity)),
+                    np.int64)
+  assert counts.sum() == reference.prune_count(sparsity, sum(sizes))  # Exact total.
+  assert (counts >= 0).all() and (counts <= sizes).all()  # No leaf above 1.
+  live = [i for i, n in enumerate(sizes) if n]
+  density = reference.erk_densities([shapes[i] for i in live], float(np.float32(sparsity)))
+  ideal = np.array(sizes, float)[live] * (1 - density)
+  # Within float32 error of the ERK formula (plus the rounding of the counts).
+  np.testing.assert_allclose(counts[live], ideal, atol=2 + 2e-6 * sum(sizes))
+
+
+def test_erk_keeps_small_layers_dense_and_prunes_large_ones_harder():
+  shapes = [(3, 3, 1, 32), (3, 3, 32, 64), (1024, 128), (128, 10)]
+  sizes = [int(np.prod(s)) for s in shapes]
+  counts = [int(c) for c in _distributions.erk_prune_counts(
+      sizes, [_distributions.erk_ratio(s) for s in shapes], np.float32(0.9))]
+  expected = reference.erk_densities(shapes, float(np.float32(0.9)))
+  assert expected[0] == expected[3] == 1.0 and counts[0] == counts[3] == 0
+  assert counts[1] / sizes[1] > counts[2] / sizes[2] > 0.9  # Denser where fewer weights.
+
+
+def test_uniform_counts_round_each_leaf():
+  counts = _distributions.uniform_prune_counts([10, 7, 0], np.float32(0.25))
+  assert [int(c) for c in counts] == [round(2.5), round(1.75), 0] == [2, 2, 0]
+
+
+def _model_params():
+  rng = np.random.default_rng(0)
+  shapes = {"Dense_0": (64, 256), "Dense_1": (256, 256), "Dense_2": (256, 128),
+            "Dense_3": (128, 10)}
+  return {k: {"kernel": jnp.asarray(rng.standard_normal(s), jnp.float32),
+              "bias": jnp.zeros(s[1])} for k, s in shapes.items()}
+
+
+def test_erk_in_the_transformation_with_first_and_last_layers_kept_dense():
+  params = _model_params()
+  schedule = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=4, frequency=2)
+  tx = optax.chain(optax.sgd(0.0), optax_prune.magnitude_pruning(
+      optax_prune.by_path({"Dense_0|Dense_3": None}, default=schedule), distribution="erk"))
+  state, traces = tx.init(params), []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    return tx.update(params, state, params)[1]
+
+  for _ in range(5):
+    state = step(params, state)
+  assert len(traces) == 1  # The ramp runs in one compiled step.
+  masks = optax_prune.find_pruning_state(state).masks
+  assert isinstance(masks["Dense_0"]["kernel"], optax.MaskedNode)
+  assert isinstance(masks["Dense_3"]["kernel"], optax.MaskedNode)
+  middle = [masks[k]["kernel"] for k in ("Dense_1", "Dense_2")]
+  total = sum(int(m.size) for m in middle)
+  assert sum(int((~m).sum()) for m in middle) == reference.prune_count(0.8, total)
+  shapes = [(256, 256), (256, 128)]
+  density = reference.erk_densities(shapes, float(np.float32(0.8)))
+  for m, d in zip(middle, density):
+    assert abs(float(m.mean()) - d) < 1e-3
+    # Within a leaf, the smallest magnitudes went: the magnitude ranking holds.
+  for k in ("Dense_1", "Dense_2"):
+    w, m = np.abs(np.asarray(params[k]["kernel"])), np.asarray(masks[k]["kernel"])
+    assert w[~m].max() <= w[m].min()
+
+
+def test_erk_needs_layer_scope():
+  with pytest.raises(ValueError, match="`distribution='erk'`.*scope='layer'"):
+    optax_prune.magnitude_pruning(0.5, distribution="erk", scope="global")
+  with pytest.raises(ValueError, match="`distribution`"):
+    optax_prune.magnitude_pruning(0.5, distribution="er")
