@@ -15,7 +15,8 @@ demo: $(STAMP)
 	$(PY) -m benchmarks.demo_digits
 
 test: $(STAMP)
-	$(PY) -m pytest -q optax_prune tests
+	# Two workers: the suite is mostly compilation, one core each.
+	$(PY) -m pytest -q -n 2 optax_prune tests
 
 schedules-plot: $(STAMP)
 	$(PY) scripts/plot_schedules.py

@@ -124,6 +124,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       "live_array_bytes_min": min(w["live_array_bytes"] for w in steady),
       "live_array_bytes_max": max(w["live_array_bytes"] for w in steady),
       "resident_growth_bytes": steady[-1]["resident_bytes"] - steady[0]["resident_bytes"],
+      # Allocators warm up early; a leak would also grow in the second half.
+      "resident_growth_second_half_bytes": (
+          steady[-1]["resident_bytes"] - steady[len(steady) // 2]["resident_bytes"]),
       "resident_slope_bytes_per_1000": slope_per_1000(
           ends, [w["resident_bytes"] for w in steady]),
   }
@@ -140,7 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         f" {summary['step_seconds_slope_per_1000'] * 1e6:+.2f} us per 1,000 steps);"
         f" live arrays {summary['live_array_bytes_min']:,}-"
         f"{summary['live_array_bytes_max']:,} B; RSS growth"
-        f" {summary['resident_growth_bytes'] / 2**20:+.2f} MiB")
+        f" {summary['resident_growth_bytes'] / 2**20:+.2f} MiB, in the second half"
+        f" {summary['resident_growth_second_half_bytes'] / 2**20:+.2f} MiB")
 
   out = pathlib.Path(args.out)
   _common.write_json(out, windows, summary=summary)

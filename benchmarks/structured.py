@@ -40,6 +40,8 @@ UNIT_SPARSITIES = (0.5, 0.75, 0.9)
 def two_of_four(params) -> Any:
   """2:4 along each kernel's input axis (-2), or its output axis (-1)."""
   def granularity(leaf):
+    if leaf.ndim < 2:
+      return None  # A bias: not pruned (the default `where`).
     axis = -2 if leaf.shape[-2] % 4 == 0 else -1
     return optax_prune.n_of_m(2, 4, axis=axis)
   return jax.tree.map(granularity, params)
@@ -60,6 +62,9 @@ def parse_args(argv):
   parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
   parser.add_argument("--granularities", nargs="+", default=list(GRANULARITIES),
                       choices=list(GRANULARITIES))
+  parser.add_argument("--unit-sparsities", type=float, nargs="+",
+                      default=list(UNIT_SPARSITIES),
+                      help="schedule targets of unstructured and blocks4x4 runs")
   parser.add_argument("--seeds", type=int)
   parser.add_argument("--epochs", type=int, help="epochs of every task")
   parser.add_argument("--out", type=pathlib.Path)
@@ -77,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   configs = [(task, "dense", 0.0) for task in args.tasks]
   configs += [(task, g, s) for task in args.tasks for g in args.granularities
-              for s in GRANULARITIES[g][1]]
+              for s in (GRANULARITIES[g][1] if g == "2:4" else args.unit_sparsities)]
   records, tasks = [], {}
   start = time.perf_counter()
   with tqdm(total=len(configs) * args.seeds, unit="run") as bar:

@@ -60,16 +60,39 @@ def magnitude_keys(x: jax.Array, wide: bool = False) -> jax.Array:
   """Unsigned keys ordered like ``|x|``, with NaN above ``inf``.
 
   uint32 keys from the float32 value (exact for bf16, f16, f32; float64 would
-  round to nearest), or with ``wide`` uint64 keys from the float64 value.
+  round to nearest), or with ``wide`` uint64 keys: the float64 bits of the
+  value (a float64 leaf's own bits; others widened exactly, see
+  ``_widen_key``).
   """
-  float_type, key_type = (
-      (jnp.float64, jnp.uint64) if wide else (jnp.float32, jnp.uint32)
+  if wide and x.dtype == jnp.float64:
+    bits = lax.bitcast_convert_type(x, jnp.uint64)
+    return bits & jnp.uint64(0x7FFFFFFFFFFFFFFF)
+  if x.dtype != jnp.float32:
+    x = x.astype(jnp.float32)  # Exact for bf16, f16; f64 rounds to nearest.
+  key = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+  return _widen_key(key) if wide else key
+
+
+def _widen_key(key: jax.Array) -> jax.Array:
+  """The float64 key of the float32 value with float32 key ``key``.
+
+  In integers, not by a float conversion: XLA on CPU flushes float32
+  subnormals to zero when it converts them, which would tie them with 0.
+  """
+  exponent = (key >> 23).astype(jnp.uint64)
+  fraction = (key & 0x7FFFFF).astype(jnp.uint64)
+  # A subnormal m * 2**-149 is normal in float64: shift its leading 1 to bit
+  # 23 (`shift` places), drop it, and lower the exponent to match.
+  shift = (lax.clz(key & 0x7FFFFF) - 8).astype(jnp.uint64)
+  subnormal = (jnp.uint64(897) - shift) << 52 | (
+      (fraction << shift) & 0x7FFFFF) << 29
+  normal = (exponent + 896) << 52 | fraction << 29
+  special = jnp.uint64(2047) << 52 | fraction << 29  # inf and NaN.
+  return jnp.where(
+      exponent == 0,
+      jnp.where(fraction == 0, jnp.uint64(0), subnormal),
+      jnp.where(exponent == 255, special, normal),
   )
-  if x.dtype != float_type:
-    x = x.astype(float_type)
-  bits = lax.bitcast_convert_type(x, key_type)
-  sign = key_type(1) << key_type(jnp.iinfo(key_type).bits - 1)
-  return bits & ~sign
 
 
 def _key_bits(wide: bool) -> int:

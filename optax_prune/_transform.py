@@ -352,10 +352,10 @@ def magnitude_pruning(
       sparsity = _thresholds.clip_sparsity(target.sparsity)
       indices = [i for group, _ in jobs for i in group]
 
-      def recompute(jobs=jobs, sparsity=sparsity):
-        masks, targets = _recompute_masks(
+      def recompute(jobs=jobs, sparsity=sparsity, indices=indices):
+        found, shares = _recompute_masks(
             plan, jobs, sparsity, param_leaves, update_leaves, state.count)
-        return [masks[i] for i in indices], [targets[i] for i in indices]
+        return [found[i] for i in indices], [shares[i] for i in indices]
 
       old = ([masks[i] for i in indices], [targets[i] for i in indices])
       new_masks, new_targets = lax.cond(

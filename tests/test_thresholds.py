@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fractions import Fraction
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from optax_prune import _thresholds
@@ -157,6 +157,8 @@ _few_shapes = st.sampled_from([(0,), (1,), (2, 3), (17,)])
     y=hnp.arrays(np.float32, _few_shapes, elements=_values),
     sparsity=st.floats(0.0, 1.0, width=32),
 )
+# A float32 subnormal in a float64 group must not tie with zero.
+@example(x=np.zeros(0), y=np.array([[1e-45, 0, 0], [0, 0, 0]], np.float32), sparsity=0.5)
 def test_float64_is_ranked_at_float64_precision(x, y, sparsity):
   with jax.enable_x64(True):
     _assert_matches_reference([x], sparsity)
@@ -195,3 +197,21 @@ def test_exact_count_and_order_for_a_1e8_entry_leaf():
   ties = np.flatnonzero(x == threshold)
   tie_pruned = pruned[ties]
   assert tie_pruned.sum() == 99_999 and tie_pruned[:99_999].all() and not tie_pruned[-1]
+
+
+def test_widened_float32_keys_are_the_float64_bits_subnormals_included():
+  # Every 997th subnormal, random normals, and the edges, against NumPy's
+  # exact float32 -> float64 conversion (XLA on CPU would flush subnormals).
+  rng = np.random.default_rng(0)
+  bits = np.concatenate([
+      np.arange(0, 2**23, 997, dtype=np.uint32),
+      rng.integers(0, 0x7F800000, 20000, dtype=np.uint32),
+      np.array([0, 1, 0x7FFFFF, 0x800000, 0x7F7FFFFF, 0x7F800000], np.uint32)])
+  x = bits.view(np.float32)
+  with jax.enable_x64(True):
+    got = np.asarray(_thresholds.magnitude_keys(jnp.asarray(x), wide=True))
+  np.testing.assert_array_equal(got, reference.magnitude_keys(x, wide=True))
+  nan = np.array([0x7FC00000, 0x7F800001], np.uint32).view(np.float32)
+  with jax.enable_x64(True):
+    assert (np.asarray(_thresholds.magnitude_keys(jnp.asarray(nan), wide=True))
+            > reference.magnitude_keys(np.float64(np.inf), wide=True)).all()
