@@ -48,6 +48,7 @@ def test_quickstart_runs():
   output = "\n".join(texts)
   assert "masked leaves" in output  # The sparsity_summary table.
   assert "all exactly zero" in output
+  assert "nm_matmul equals the masked dense matmul" in output  # The 2:4 section.
 
 
 def test_kernel_is_this_python():
