@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
+from optax_prune import _granularity
 from optax_prune import _summary
 
 # The largest `m` whose positions fit the uint8 `indices` of `NMSparse`.
-_MAX_M = 256
+_MAX_M = _granularity.MAX_M
 
 
 def _leaves_with_masks(params: Any, masks: Any):

@@ -31,6 +31,9 @@ import numpy as np
 from optax_prune import _thresholds
 
 
+MAX_M = 256  # Largest N:M group; positions fit uint8 (see `to_nm`).
+
+
 def _score_dtype(x: jax.Array):
   """float32, or float64 for float64 scores (ranked at full precision)."""
   return jnp.promote_types(x.dtype, jnp.float32)
@@ -105,7 +108,7 @@ class NOfM:
 
   def expand(self, unit_keep: jax.Array, scores: jax.Array) -> jax.Array:
     keep = self._kept_in_group(scores) | unit_keep[..., None]
-    keep = keep.reshape(keep.shape[:-2] + (-1,))
+    keep = keep.reshape(keep.shape[:-2] + (keep.shape[-2] * self.m,))
     return jnp.moveaxis(keep, -1, self.axis)
 
 
@@ -163,7 +166,17 @@ class Channels:
     magnitude = jnp.abs(scores).astype(_score_dtype(scores))
     if self.norm == "l1":
       return jnp.sum(magnitude, axis=others)
-    return jnp.sqrt(jnp.sum(magnitude * magnitude, axis=others))
+    plain = jnp.sqrt(jnp.sum(magnitude * magnitude, axis=others))
+    # Squares overflow past ~1e19 and vanish below ~1e-19 in float32; there,
+    # and only there, scale each channel by its largest entry first.
+    largest = jnp.max(magnitude, axis=others, initial=0.0)
+    scale = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1.0)
+    scale_full = jnp.expand_dims(scale, others)
+    scaled = scale * jnp.sqrt(jnp.sum((magnitude / scale_full) ** 2, axis=others))
+    tiny = jnp.finfo(plain.dtype).tiny
+    needs_scaling = (jnp.isinf(plain) & jnp.isfinite(largest)) | (
+        (plain < tiny) & (largest > 0))
+    return jnp.where(needs_scaling, scaled, plain)
 
   def expand(self, unit_keep: jax.Array, scores: jax.Array) -> jax.Array:
     axis = self.axis % scores.ndim
@@ -177,7 +190,10 @@ Granularity = Unstructured | NOfM | Blocks | Channels
 
 def _positive_int(name: str, value) -> int:
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+    raise ValueError(
+        f"`{name}` must be a positive integer (a Python or NumPy int); got"
+        f" {value!r}."
+    )
   if value < 1:
     raise ValueError(f"`{name}` must be a positive integer; got {value}.")
   return int(value)
@@ -215,7 +231,8 @@ def n_of_m(n: int = 2, m: int = 4, *, axis: int = -1) -> NOfM:
 
   Args:
     n: entries kept per group, ``1 <= n < m``.
-    m: group length, ``m >= 2``.
+    m: group length, ``2 <= m <= 256``. Ranking within groups compares all
+      pairs: temporaries of ``m`` bools per entry.
     axis: the axis cut into groups.
 
   Returns:
@@ -234,6 +251,11 @@ def n_of_m(n: int = 2, m: int = 4, *, axis: int = -1) -> NOfM:
   n = _positive_int("n", n)
   if not 1 <= n < m:
     raise ValueError(f"`n` must satisfy 1 <= n < m; got n={n}, m={m}.")
+  if m > MAX_M:
+    raise ValueError(
+        f"`m` must be at most {MAX_M} (ranking within a group compares all"
+        f" m * m pairs, and `to_nm` stores positions as uint8); got m={m}."
+    )
   return NOfM(n, m, _integer("axis", axis))
 
 

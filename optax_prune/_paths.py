@@ -25,7 +25,7 @@ class PathRules:
 
 
 def by_path(rules: Mapping[str, Any], default: Any) -> PathRules:
-  """Per-leaf values chosen by regular expressions on the leaf's path.
+  r"""Per-leaf values chosen by regular expressions on the leaf's path.
 
   Usable for ``magnitude_pruning``'s ``schedule`` and ``granularity``. A
   leaf's path is ``jax.tree_util.keystr`` of its key path (such as
@@ -44,8 +44,8 @@ def by_path(rules: Mapping[str, Any], default: Any) -> PathRules:
     (with ``distribution="erk"`` the target is shared among the rest):
 
     >>> import optax_prune
-    >>> schedule = optax_prune.by_path(
-    ...     {"Dense_0|Dense_3": None}, default=optax_prune.polynomial_schedule(
+    >>> schedule = optax_prune.by_path(  # Anchored: not Dense_30.
+    ...     {r"\['Dense_(0|3)'\]": None}, default=optax_prune.polynomial_schedule(
     ...         0.9, begin_step=0, end_step=1000, frequency=100))
     >>> tx = optax_prune.magnitude_pruning(schedule, distribution="erk")
   """

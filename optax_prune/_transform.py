@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -135,11 +137,14 @@ def magnitude_pruning(
   r"""Gradual magnitude pruning as the last link of an optax chain.
 
   The state holds a step count and a keep-mask per pruned leaf. At a step where
-  the schedule says ``update``, the masks are recomputed from ``|params|``: in
-  each leaf (``scope="layer"``) or over all leaves that share a schedule
-  (``scope="global"``) exactly :math:`\mathrm{round}(s \cdot n)` entries of
-  smallest magnitude are pruned, where :math:`s` is the scheduled sparsity and
-  :math:`n` the number of entries. On every step the updates become
+  the schedule says ``update``, the masks are recomputed from ``|params|`` (or
+  another ``score``): in each leaf (``scope="layer"``) or over all leaves that
+  share a schedule (``scope="global"``) exactly :math:`\mathrm{round}(s \cdot
+  n)` units of smallest score are pruned, where :math:`s` is the scheduled
+  sparsity (with ``distribution="erk"``, each leaf's share of it) and :math:`n`
+  the number of units: entries by default, or N:M groups, blocks, channels (see
+  ``granularity``). Entries already pruned score 0, so masks only grow while
+  the sparsity rises. On every step the updates become
 
   .. math::
 
@@ -204,7 +209,8 @@ def magnitude_pruning(
   References:
     Zhu & Gupta, `To prune, or not to prune
     <https://arxiv.org/abs/1710.01878>`_, 2017; PaddlePaddle's dynamic and
-    static pruning hooks.
+    static pruning hooks; Evci et al., `Rigging the Lottery
+    <https://arxiv.org/abs/1911.11134>`_, 2020 (ERK).
   """
   if scope not in SCOPES:
     raise ValueError(f"`scope` must be one of {SCOPES}; got {scope!r}.")
@@ -224,8 +230,9 @@ def magnitude_pruning(
         " the leaves together)."
     )
   score_fn = _scores.resolve(score)
-  if isinstance(seed, (bool, jnp.bool_)) or not isinstance(seed, int):
+  if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
     raise ValueError(f"`seed` must be an integer; got {seed!r}.")
+  seed = int(seed)
   bad = [g for g in _spec_values(granularity, _is_granularity_leaf)
          if not _is_granularity_leaf(g)]
   if bad:
@@ -264,9 +271,11 @@ def magnitude_pruning(
     granularities = _per_leaf(
         granularity, params, path_leaves, _is_granularity_leaf, "granularity")
     pruned = tuple(c and s is not None for c, s in zip(chosen, schedules))
+    # An empty leaf has no units under any granularity: it must not take a
+    # share of a global or ERK budget (a (0, 4) leaf has 4 empty channels).
     granularities = [
-        (g or _granularity.Unstructured()) if p else None
-        for g, p in zip(granularities, pruned)
+        (g if g and jnp.size(leaf) else _granularity.Unstructured()) if p else None
+        for g, p, (_, leaf) in zip(granularities, pruned, path_leaves)
     ]
     units = []
     for (path, leaf), is_pruned, g in zip(path_leaves, pruned, granularities):
@@ -288,6 +297,16 @@ def magnitude_pruning(
         key = (id(schedules[i]), granularities[i]) if scope == "global" else i
         groups.setdefault(key, []).append(i)
     group_list = tuple(tuple(g) for g in groups.values())
+    if distribution == "erk":
+      totals: dict = {}
+      for i in (g[0] for g in group_list):
+        totals[id(schedules[i])] = totals.get(id(schedules[i]), 0) + units[i]
+      if max(totals.values(), default=0) > _thresholds.MAX_GROUP_SIZE:
+        raise ValueError(
+            "`distribution='erk'` shares one count among the leaves of a"
+            f" schedule; they hold {max(totals.values())} units, and at most"
+            " 2**31 - 1 are supported. Give some leaves their own schedule."
+        )
     methods = []
     for group in group_list:
       size = sum(units[i] for i in group)
@@ -354,7 +373,8 @@ def magnitude_pruning(
 
       def recompute(jobs=jobs, sparsity=sparsity, indices=indices):
         found, shares = _recompute_masks(
-            plan, jobs, sparsity, param_leaves, update_leaves, state.count)
+            plan, jobs, sparsity, param_leaves, update_leaves, masks,
+            state.count)
         return [found[i] for i in indices], [shares[i] for i in indices]
 
       old = ([masks[i] for i in indices], [targets[i] for i in indices])
@@ -375,14 +395,21 @@ def magnitude_pruning(
     )
     return plan.treedef.unflatten(new_updates), new_state
 
-  def _recompute_masks(plan, jobs, sparsity, param_leaves, update_leaves, count):
+  def _recompute_masks(
+      plan, jobs, sparsity, param_leaves, update_leaves, old_masks, count):
     """New keep-masks and targets, by leaf index, for one schedule's groups."""
     key = jax.random.fold_in(jax.random.key(seed), count)
     scores, unit_scores = {}, {}
     for group, _ in jobs:
       for i in group:
-        scores[i] = score_fn(
+        score = score_fn(
             param_leaves[i], update_leaves[i], jax.random.fold_in(key, i))
+        if score_fn is not _scores.magnitude:
+          # Pruned entries score 0, so that masks stay nested as the sparsity
+          # rises whatever the score (a new random draw would bring pruned
+          # weights back). Pruned weights are 0 already: magnitude needs no pass.
+          score = jnp.where(old_masks[i], score, jnp.zeros((), score.dtype))
+        scores[i] = score
         unit_scores[i] = plan.granularities[i].unit_scores(scores[i])
     sizes = [sum(unit_scores[i].size for i in group) for group, _ in jobs]
     if distribution == "erk":  # Layer scope: one leaf per group.

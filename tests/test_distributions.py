@@ -61,7 +61,7 @@ def test_erk_in_the_transformation_with_first_and_last_layers_kept_dense():
   params = _model_params()
   schedule = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=4, frequency=2)
   tx = optax.chain(optax.sgd(0.0), optax_prune.magnitude_pruning(
-      optax_prune.by_path({"Dense_0|Dense_3": None}, default=schedule), distribution="erk"))
+      optax_prune.by_path({r"\[.Dense_(0|3).\]": None}, default=schedule), distribution="erk"))
   state, traces = tx.init(params), []
 
   @jax.jit
@@ -93,3 +93,12 @@ def test_erk_needs_layer_scope():
     optax_prune.magnitude_pruning(0.5, distribution="erk", scope="global")
   with pytest.raises(ValueError, match="`distribution`"):
     optax_prune.magnitude_pruning(0.5, distribution="er")
+
+
+def test_an_erk_total_past_int32_is_refused_at_init():
+  # Each leaf fits int32, their shared ERK count does not; nothing is allocated.
+  params = {"a": jax.ShapeDtypeStruct((50_000, 30_000), jnp.float32),
+            "b": jax.ShapeDtypeStruct((50_000, 30_000), jnp.float32)}
+  with pytest.raises(ValueError, match="`distribution='erk'`.*2\\*\\*31 - 1"):
+    jax.eval_shape(optax_prune.magnitude_pruning(0.5, distribution="erk").init, params)
+  jax.eval_shape(optax_prune.magnitude_pruning(0.5).init, params)  # Uniform: fine.
