@@ -64,3 +64,13 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
   fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
   return "\n".join([fmt(header), fmt(["-" * w for w in widths])]
                    + [fmt(r) for r in rows])
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
+  """Writes a matplotlib figure as a PNG (making its folder) and closes it."""
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -174,10 +174,7 @@ def plot(windows, path: pathlib.Path) -> None:
   ax_memory.set(xlabel="step", ylabel="MiB, change since step "
                 f"{base['end_step']}", title="memory growth")
   ax_memory.legend()
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

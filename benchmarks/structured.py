@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 import optax_prune
+from benchmarks import _common
 from benchmarks import accuracy
 
 TASKS = ("digits", "mnist1d")
@@ -144,10 +145,7 @@ def plot(records, path: pathlib.Path) -> None:
            ylabel="test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, path)
 
 
 if __name__ == "__main__":
