@@ -280,7 +280,7 @@ def _keep_mask_from_index(x, threshold, ties, n_equal):
   return ~pruned
 
 
-def _explicit_sharding(x: jax.Array):
+def explicit_sharding(x: jax.Array):
   """The sharding of ``x`` if Explicit mesh axes split it, else None."""
   sharding = jax.typeof(x).sharding
   return sharding if any(s is not None for s in sharding.spec) else None
@@ -301,7 +301,7 @@ def masks_by_sort(
   """
   n = sum(x.size for x in leaves)
   wide = needs_wide_keys(leaves)
-  shardings = [_explicit_sharding(x) for x in leaves]
+  shardings = [explicit_sharding(x) for x in leaves]
   keys = [
       magnitude_keys(jax.sharding.reshard(x, P()) if s else x, wide).reshape(-1)
       for x, s in zip(leaves, shardings)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from optax_prune import _distributions
 from optax_prune import _granularity
@@ -399,7 +400,7 @@ def magnitude_pruning(
       plan, jobs, sparsity, param_leaves, update_leaves, old_masks, count):
     """New keep-masks and targets, by leaf index, for one schedule's groups."""
     key = jax.random.fold_in(jax.random.key(seed), count)
-    scores, unit_scores = {}, {}
+    scores, unit_scores, sharding = {}, {}, {}
     for group, _ in jobs:
       for i in group:
         score = score_fn(
@@ -409,6 +410,14 @@ def magnitude_pruning(
           # rises whatever the score (a new random draw would bring pruned
           # weights back). Pruned weights are 0 already: magnitude needs no pass.
           score = jnp.where(old_masks[i], score, jnp.zeros((), score.dtype))
+        # Under Explicit mesh axes the reshapes of structured units need the
+        # leaf whole: gather its scores (as the sort reference does) and put
+        # the mask back where the leaf lives. Auto axes leave this to XLA.
+        sharding[i] = (
+            None if isinstance(plan.granularities[i], _granularity.Unstructured)
+            else _thresholds.explicit_sharding(param_leaves[i]))
+        if sharding[i]:
+          score = jax.sharding.reshard(score, P())
         scores[i] = score
         unit_scores[i] = plan.granularities[i].unit_scores(scores[i])
     sizes = [sum(unit_scores[i].size for i in group) for group, _ in jobs]
@@ -430,7 +439,8 @@ def magnitude_pruning(
           [counts[j] for j in chosen], method)
       for j, unit_keeps in zip(chosen, found):
         for i, unit_keep in zip(jobs[j][0], unit_keeps):
-          masks[i] = plan.granularities[i].expand(unit_keep, scores[i])
+          mask = plan.granularities[i].expand(unit_keep, scores[i])
+          masks[i] = jax.sharding.reshard(mask, sharding[i]) if sharding[i] else mask
           targets[i] = shares[j]
     return masks, targets
 

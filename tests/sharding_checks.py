@@ -68,6 +68,15 @@ LEAVES = {
 }
 
 
+# Structured granularities on the same placed leaves (the (6, 10) leaf stays
+# unstructured: 6 and 10 are not multiples of 4), with a score of each kind.
+STRUCTURED = {
+    "n_of_m": (optax_prune.n_of_m(2, 4, axis=0), "magnitude"),
+    "blocks": (optax_prune.blocks((4, 4), reduce="max"), "saliency"),
+    "channels": (optax_prune.channels(axis=-1), "random"),
+}
+
+
 def config_names() -> list[str]:
   """Every axis types x scope x method configuration, as ``axes-scope-method``."""
   return [f"{a}-{s}-{m}" for a in AXES for s in SCOPES for m in METHODS]
@@ -76,6 +85,7 @@ def config_names() -> list[str]:
 def check_names() -> list[str]:
   """Names of the results ``mesh`` writes; ``tests/test_sharding.py`` has one test each."""
   names = [f"init-shardings-{a}" for a in AXES] + ["memory-bisect-global"]
+  names += [f"structured-{a}-{g}" for a in AXES for g in STRUCTURED]
   for config in config_names():
     names += [f"masks-{config}"]
     names += [f"shardings-{config}"] if _placement_checked(config) else []
@@ -324,6 +334,46 @@ def check_config(
     results.record_error(names)
 
 
+def make_structured_tx(name: str):
+  granularity, score = STRUCTURED[name]
+  return optax.chain(optax.adam(0.1), optax_prune.magnitude_pruning(
+      SCHEDULE, granularity=optax_prune.by_path({"small_whole": None}, granularity),
+      score=score, threshold="bisect"))
+
+
+def check_structured(results: Results, axes: str, name: str):
+  """Structured masks of a sharded run equal those of one device, bitwise."""
+  check = f"structured-{axes}-{name}"
+  try:
+    tx = make_structured_tx(name)
+    runs = []
+    for sharded in (False, True):
+      mesh = make_mesh(axes)
+      with mesh_context(mesh, axes) if sharded else contextlib.nullcontext():
+        if sharded:
+          params, _ = placed(mesh)
+          opt_state = replicate_scalars(tx.init(params), mesh)
+        else:
+          params = jax.device_put(host_params(), jax.devices()[0])
+          opt_state = tx.init(params)
+        step = jax.jit(train_step(tx))
+        masks = []
+        for _ in range(STEPS):
+          params, opt_state = step(params, opt_state)
+          masks.append({n: np.asarray(m) for n, m in mask_leaves(opt_state).items()})
+        runs.append(masks)
+    problems = [
+        f"step {t} {n}: differs from one device"
+        for t, (one, split) in enumerate(zip(*runs)) for n in one
+        if not np.array_equal(one[n], split[n])
+    ]
+    problems += [f"step {STEPS - 1} {n}: nothing pruned" for n, m in runs[0][-1].items()
+                 if m.all()]
+    results.record(check, problems)
+  except Exception:  # pylint: disable=broad-except
+    results.record_error([check])
+
+
 def check_memory(results: Results):
   """Per-device temporaries of a bisect update shrink with the shard."""
   from benchmarks import sharded_memory  # pylint: disable=import-outside-toplevel
@@ -361,6 +411,9 @@ def run_mesh_checks(out_path: str):
   one_device = {scope: run_one_device(scope) for scope in SCOPES}
   for config in config_names():
     check_config(results, config, one_device[config.split("-")[1]], compiles)
+  for axes in AXES:
+    for name in STRUCTURED:
+      check_structured(results, axes, name)
   results.info["seconds"] = round(time.perf_counter() - start, 1)
   with open(out_path, "w") as f:
     json.dump({"checks": results.checks, "info": results.info}, f, indent=1)

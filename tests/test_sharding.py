@@ -70,7 +70,9 @@ def _params(names):
 def test_on_8_device_mesh(mesh_results, name):
   """masks-*: masks (and params) equal to one device and to NumPy; shardings-*:
   state placed like the params, step compiled once; no-gather-*: only counts
-  cross devices; memory-*: per-device temporaries shrink with the shard."""
+  cross devices; memory-*: per-device temporaries shrink with the shard;
+  structured-*: N:M, block and channel masks (magnitude, saliency, random
+  scores) equal to one device."""
   result = mesh_results["checks"][name]
   assert result["ok"], result["detail"]
 
