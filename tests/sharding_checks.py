@@ -85,7 +85,9 @@ def config_names() -> list[str]:
 def check_names() -> list[str]:
   """Names of the results ``mesh`` writes; ``tests/test_sharding.py`` has one test each."""
   names = [f"init-shardings-{a}" for a in AXES] + ["memory-bisect-global"]
-  names += [f"structured-{a}-{g}" for a in AXES for g in STRUCTURED]
+  # Explicit axes only: there a unit reshape of a split leaf is an error unless
+  # handled; under Auto axes XLA reshards on its own.
+  names += [f"structured-explicit-{g}" for g in STRUCTURED]
   for config in config_names():
     names += [f"masks-{config}"]
     names += [f"shardings-{config}"] if _placement_checked(config) else []
@@ -411,9 +413,8 @@ def run_mesh_checks(out_path: str):
   one_device = {scope: run_one_device(scope) for scope in SCOPES}
   for config in config_names():
     check_config(results, config, one_device[config.split("-")[1]], compiles)
-  for axes in AXES:
-    for name in STRUCTURED:
-      check_structured(results, axes, name)
+  for name in STRUCTURED:
+    check_structured(results, "explicit", name)
   results.info["seconds"] = round(time.perf_counter() - start, 1)
   with open(out_path, "w") as f:
     json.dump({"checks": results.checks, "info": results.info}, f, indent=1)

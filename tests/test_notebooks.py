@@ -93,9 +93,23 @@ def test_results_draws_every_section(tmp_path, monkeypatch):
        "temp_bytes_per_param": 4.0}
       for method in ("sort", "bisect") for n in (1000, 100000)
   ]}))
+  (tmp_path / "structured.json").write_text(json.dumps({"records": [
+      {"task": "digits", "granularity": g, "sparsity": s, "measured_sparsity": m,
+       "mean": 0.98, "std": 0.001}
+      for g, s, m in (("dense", 0.0, 0.0), ("2:4", 1.0, 0.5), ("blocks4x4", 0.5, 0.51))]}))
+  window = {"median_step_seconds": 0.01, "live_array_bytes": 10, "resident_bytes": 2**20}
+  (tmp_path / "soak.json").write_text(json.dumps({
+      "records": [dict(window, end_step=100 * i) for i in (1, 2, 3)],
+      "summary": {"traces": 1, "live_array_bytes_min": 10, "live_array_bytes_max": 10,
+                  "resident_growth_second_half_bytes": 0}}))
+  (tmp_path / "export_sizes.json").write_text(json.dumps({"records": [
+      {"config": "2:4", "masked_sparsity": 0.5, "dense_bytes": 100, "bcoo_bytes": 160,
+       "nm_bytes": 63}]}))
   monkeypatch.setenv("OPTAX_PRUNE_RESULTS", str(tmp_path))
   texts = execute("results.ipynb")
   output = "\n".join(texts)
   assert "not found" not in output
+  assert "blocks4x4" in output and "traces: 1" in output and "2:4" in output
   assert "dense - pruned = +0.50 pp" in output
-  assert output.count("<Figure") == 3  # Accuracy, trajectories, mask updates.
+  # Accuracy, trajectories, mask updates, structured, soak.
+  assert output.count("<Figure") == 5

@@ -16,6 +16,9 @@ import pytest
 
 from tests import sharding_checks
 
+# One xdist worker runs them all, so the 8-device subprocess runs once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Bounds that keep a stuck collective from hanging CI.
 MESH_TIMEOUT_S = 300
@@ -42,7 +45,8 @@ def _output(proc_stdout: str, proc_stderr: str) -> str:
   return f"--- stdout ---\n{proc_stdout[-8000:]}\n--- stderr ---\n{proc_stderr[-8000:]}"
 
 
-@pytest.fixture(scope="module")
+# Session scope: computed once per worker even if other tests run in between.
+@pytest.fixture(scope="session")
 def mesh_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("mesh") / "results.json"
   proc = subprocess.run(

@@ -148,7 +148,7 @@ def test_unknown_method_is_rejected():
 _close_to_one = st.integers(-2**20, 2**20).map(lambda i: 1.0 + i * 2.0**-45)
 _f64_values = st.one_of(_close_to_one, _special, st.floats(-1e300, 1e300))
 # Few shapes, so the examples share compilations (63-bit searches compile slower).
-_few_shapes = st.sampled_from([(0,), (1,), (2, 3), (17,)])
+_few_shapes = st.sampled_from([(0,), (2, 3), (17,)])
 
 
 @settings(max_examples=15)
