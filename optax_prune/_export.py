@@ -182,25 +182,6 @@ def _nm_todense(values, indices, *, n, m, axis, shape):
   return jnp.moveaxis(dense.reshape(rest + (groups * m,)), -1, axis)
 
 
-def _check_nm_args(n: Any, m: Any, name_n: str = "`n`", name_m: str = "`m`"):
-  """Returns (n, m) as ints; raises unless 1 <= n < m <= 256."""
-  try:
-    if isinstance(n, bool) or isinstance(m, bool):
-      raise TypeError
-    n, m = operator.index(n), operator.index(m)
-  except TypeError:
-    raise ValueError(
-        f"{name_n} and {name_m} must be ints with 1 <= n < m <= {_MAX_M}, got"
-        f" n={n!r}, m={m!r}."
-    ) from None
-  if not 1 <= n < m <= _MAX_M:
-    raise ValueError(
-        f"{name_n} and {name_m} must satisfy 1 <= n < m <= {_MAX_M} (each group"
-        f" of m keeps at most n; m fits the uint8 indices), got n={n}, m={m}."
-    )
-  return n, m
-
-
 def _nm_problem(shape, mask: np.ndarray, n: int, m: int, axis: int):
   """Returns (normalized axis, None), or (None, why `mask` is not N:M)."""
   ndim = len(shape)
@@ -267,7 +248,7 @@ def to_nm(x: Any, mask: Any = None, n: int = 2, m: int = 4,
     Array([[0, 3],
            [1, 0]], dtype=uint8)
   """
-  n, m = _check_nm_args(n, m)
+  n, m = _granularity.check_n_m(n, m)
   _check_not_traced(x, "x")
   values = np.asarray(x)
   if mask is None:
@@ -453,7 +434,7 @@ def export_size_report(params: Any, masks: Any = None, *,
       raise ValueError(
           f"`nm` must be a tuple (n, m, axis) of ints, got {nm!r}."
       ) from None
-    n, m = _check_nm_args(n, m, "`nm`'s n", "m")
+    n, m = _granularity.check_n_m(n, m, "`nm`'s n", "m")
   path_leaves, _, mask_leaves = _leaves_with_masks(params, masks)
   rows = []
   for (path, leaf), mask in zip(path_leaves, mask_leaves):

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+import operator
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -205,6 +206,30 @@ def _integer(name: str, value) -> int:
   return int(value)
 
 
+def check_n_m(n: Any, m: Any, name_n: str = "`n`", name_m: str = "`m`"):
+  """``(n, m)`` as ints; raises unless ``1 <= n < m <= MAX_M``.
+
+  One rule for `n_of_m` and `to_nm`: ranking within a group compares all
+  m * m pairs, and the packed layout stores positions as uint8.
+  """
+  try:
+    if isinstance(n, (bool, np.bool_)) or isinstance(m, (bool, np.bool_)):
+      raise TypeError
+    n, m = operator.index(n), operator.index(m)
+  except TypeError:
+    raise ValueError(
+        f"{name_n} and {name_m} must be ints with 1 <= n < m <= {MAX_M}, got"
+        f" n={n!r}, m={m!r}."
+    ) from None
+  if not 1 <= n < m <= MAX_M:
+    raise ValueError(
+        f"{name_n} and {name_m} must satisfy 1 <= n < m <= {MAX_M} (each group"
+        f" of m keeps at most n; all m * m pairs are compared, positions fit"
+        f" uint8), got n={n}, m={m}."
+    )
+  return n, m
+
+
 def unstructured() -> Unstructured:
   """Entries ranked one by one: the default granularity.
 
@@ -247,15 +272,7 @@ def n_of_m(n: int = 2, m: int = 4, *, axis: int = -1) -> NOfM:
     Array([[False, False,  True,  True],
            [False, False,  True,  True]], dtype=bool)
   """
-  m = _positive_int("m", m)
-  n = _positive_int("n", n)
-  if not 1 <= n < m:
-    raise ValueError(f"`n` must satisfy 1 <= n < m; got n={n}, m={m}.")
-  if m > MAX_M:
-    raise ValueError(
-        f"`m` must be at most {MAX_M} (ranking within a group compares all"
-        f" m * m pairs, and `to_nm` stores positions as uint8); got m={m}."
-    )
+  n, m = check_n_m(n, m)
   return NOfM(n, m, _integer("axis", axis))
 
 

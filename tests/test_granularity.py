@@ -147,7 +147,7 @@ def test_structured_masks_keep_exact_zeros_under_adam():
     (lambda: optax_prune.n_of_m(4, 4), "`n`"),
     (lambda: optax_prune.n_of_m(0, 4), "`n`"),
     (lambda: optax_prune.n_of_m(2, 4.0), "`m`"),
-    (lambda: optax_prune.n_of_m(2, 512), "`m` must be at most 256"),
+    (lambda: optax_prune.n_of_m(2, 512), "`m` must satisfy 1 <= n < m <= 256"),
     (lambda: optax_prune.n_of_m(2, 4, axis="x"), "`axis`"),
     (lambda: optax_prune.blocks((4,)), "`shape`"),
     (lambda: optax_prune.blocks((0, 4)), r"`shape\[0\]`"),
