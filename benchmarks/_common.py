@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import jax
 
+from optax_prune import _tables
+
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -60,10 +62,7 @@ def write_json(path: pathlib.Path, records: Sequence[dict], **header) -> None:
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-  fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
-  return "\n".join([fmt(header), fmt(["-" * w for w in widths])]
-                   + [fmt(r) for r in rows])
+  return _tables.format_table(header, rows)
 
 
 def save_figure(fig, path: pathlib.Path) -> None:

@@ -109,7 +109,7 @@ def train(name, tx, params, data, args, *, pruning) -> train_state.TrainState:
     if pruning:
       targets = optax_prune.find_pruning_state(state.opt_state).target_sparsity
       # One schedule for all kernels: every leaf holds the same target.
-      target = float(jax.tree.leaves(targets)[0])
+      target = float(targets[0])
       line += f"  target {target:6.2%}  kernels {kernel_sparsity(state):6.2%}"
     test_accuracy = float(accuracy(state.params, x_test, y_test))
     line += f"  test accuracy {test_accuracy:6.2%}"

@@ -17,7 +17,6 @@ import pathlib
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import optax_prune
@@ -60,7 +59,7 @@ def check_matmuls(params, masks, nm: bool) -> float:
     # the outputs: not a contraction-axis layout that `nm_matmul` takes.
     if nm and w.shape[-2] % 4 == 0:
       results.append(optax_prune.nm_matmul(
-          inputs, optax_prune.to_nm(kernel, mask, n=2, m=4, axis=0)))
+          inputs, optax_prune.to_nm(kernel, mask, optax_prune.n_of_m(2, 4, axis=0))))
     for got in results:
       error = np.max(np.abs(np.asarray(got) - dense)) / max(np.max(np.abs(dense)), 1e-30)
       worst = max(worst, float(error))
@@ -89,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     nm = granularity is structured.two_of_four
     # 2:4 runs along axis -2 except where the input is too narrow (-1):
     # report N:M sizes on the axis the masks use.
-    report = optax_prune.export_size_report(params, masks, nm=(2, 4, -2) if nm else None)
+    report = optax_prune.export_size_report(params, masks, nm=optax_prune.n_of_m(2, 4, axis=-2) if nm else None)
     summary = optax_prune.sparsity_summary(params, masks)
     records.append({
         "config": name, "masked_sparsity": summary.masked_sparsity,

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-import optax_prune
 from benchmarks import _common
-from optax_prune import _transform
+from optax_prune import _distributions
+from optax_prune import _thresholds
 
 SPARSITY = 0.8
 
@@ -45,17 +45,19 @@ def make_params(shapes, seed=0):
   return [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
 
 
-def mask_update_fn(method: str, scope: str):
+def mask_update_fn(method: str, scope: str, radix_bits: int = _thresholds.RADIX_BITS):
   # "auto" is resolved per group exactly as `magnitude_pruning` does.
+  def masks(group, sparsity):
+    size = sum(x.size for x in group)
+    count = _distributions.prune_count(sparsity, size)
+    return _thresholds.keep_masks_for_counts(
+        [group], [count], _thresholds.choose_method(method, size),
+        radix_bits=radix_bits)[0]
+
   def update(leaves, sparsity):
     if scope == "global":
-      chosen = _transform.resolve_threshold(method, sum(x.size for x in leaves))
-      return optax_prune.keep_masks(leaves, sparsity, chosen)
-    return [
-        optax_prune.keep_masks(
-            [x], sparsity, _transform.resolve_threshold(method, x.size))[0]
-        for x in leaves
-    ]
+      return masks(leaves, sparsity)
+    return [masks([x], sparsity)[0] for x in leaves]
   return jax.jit(update)
 
 
@@ -64,7 +66,7 @@ def temp_bytes(fn, *args) -> int:
   return int(stats.temp_size_in_bytes) if stats is not None else -1
 
 
-def run(sizes, methods, scopes, repeats):
+def run(sizes, methods, scopes, repeats, radix_bits=_thresholds.RADIX_BITS):
   records = []
   read = jax.jit(lambda leaves: sum(jnp.sum(jnp.abs(x)) for x in leaves))
   sort = jax.jit(lambda leaves: [jnp.sort(jnp.abs(x).reshape(-1)) for x in leaves])
@@ -77,7 +79,7 @@ def run(sizes, methods, scopes, repeats):
     fns = {"read": lambda: read(leaves), "sort": lambda: sort(leaves)}
     jitted = {}
     for method, scope in configs:
-      jitted[(method, scope)] = mask_update_fn(method, scope)
+      jitted[(method, scope)] = mask_update_fn(method, scope, radix_bits)
       fns[f"{method}/{scope}"] = (
           lambda f=jitted[(method, scope)]: f(leaves, sparsity))
     times = _common.time_side_by_side(fns, repeats)
@@ -160,10 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   args = parser.parse_args(argv)
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
-  if args.radix_bits is not None:
-    from optax_prune import _thresholds
-    _thresholds._RADIX_BITS = args.radix_bits
-  records = run(args.sizes, args.methods, args.scopes, args.repeats)
+  radix_bits = args.radix_bits or _thresholds.RADIX_BITS
+  records = run(args.sizes, args.methods, args.scopes, args.repeats, radix_bits)
   for r in records:
     r["radix_bits"] = args.radix_bits
   exponents = fitted_exponents([r for r in records if r["scope"] != "-"]

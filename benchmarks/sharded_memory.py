@@ -20,7 +20,6 @@ only compile time. Prints a table and saves
 from __future__ import annotations
 
 import os
-import sys
 
 if __name__ == "__main__":  # Before JAX starts: faked CPU devices.
   _FLAG = "--xla_force_host_platform_device_count"
@@ -84,8 +83,8 @@ def compiled_update(shapes, shardings, scalar, method: str, scope: str):
       count=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
       masks={n: jax.ShapeDtypeStruct(p.shape, jnp.bool_, sharding=p.sharding)
              for n, p in params.items()},
-      target_sparsity={n: jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)
-                       for n in names},
+      target_sparsity=jax.ShapeDtypeStruct((len(names),), jnp.float32, sharding=scalar),
+      pruned_units=jax.ShapeDtypeStruct((len(names),), jnp.int32, sharding=scalar),
   )
   shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   update = jax.jit(

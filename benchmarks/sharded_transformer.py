@@ -21,7 +21,6 @@ order, so losses agree to float rounding, not bitwise.
 from __future__ import annotations
 
 import os
-import sys
 
 if __name__ == "__main__":  # Before JAX starts: faked CPU devices.
   _FLAG = "--xla_force_host_platform_device_count"

@@ -27,7 +27,6 @@ import time
 from typing import Any, Optional, Sequence
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 import optax_prune

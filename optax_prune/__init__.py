@@ -11,6 +11,7 @@ from optax_prune._export import to_bcoo
 from optax_prune._export import to_nm
 from optax_prune._granularity import blocks
 from optax_prune._granularity import channels
+from optax_prune._granularity import Granularity
 from optax_prune._granularity import n_of_m
 from optax_prune._granularity import unstructured
 from optax_prune._paths import by_path
@@ -34,6 +35,7 @@ except _metadata.PackageNotFoundError:  # Imported from a source tree.
 
 __all__ = (
     "ExportSizeReport",
+    "Granularity",
     "LeafExportSize",
     "LeafSparsity",
     "MagnitudePruningState",

@@ -1,4 +1,10 @@
-"""How one overall sparsity is shared among the leaves of a schedule.
+"""How many units each leaf loses: exact counts, and how a schedule's
+sparsity is shared among its leaves.
+
+Counts are exact: a group of :math:`n` units at sparsity :math:`s` loses
+:math:`\\mathrm{round}(s n)` (half to even), computed in integer arithmetic
+from the float32 bits of :math:`s` (:func:`prune_count`). A schedule's
+``distribution`` shares its sparsity (:func:`prune_counts`):
 
 * ``"uniform"``: every leaf at the scheduled sparsity :math:`s`; leaf
   :math:`l` of :math:`n_l` units loses :math:`\\mathrm{round}(s n_l)`.
@@ -21,15 +27,79 @@ Both run on a traced sparsity inside ``jit``: the schedule may ramp :math:`s`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from optax_prune import _thresholds
+from jax import lax
 
 DISTRIBUTIONS = ("uniform", "erk")
+# Largest group size (units) for which a count fits our int32 arithmetic.
+MAX_GROUP_SIZE = 2**31 - 1
+
+
+def clip_sparsity(sparsity: jax.Array) -> jax.Array:
+  """float32 sparsity clipped to [0, 1]; NaN counts as 0."""
+  sparsity = jnp.asarray(sparsity, jnp.float32)
+  return jnp.where(jnp.isnan(sparsity), 0.0, jnp.clip(sparsity, 0.0, 1.0))
+
+
+def prune_count(sparsity: jax.Array, n: int) -> jax.Array:
+  """``round(sparsity * n)`` exactly, half to even, as uint32.
+
+  ``sparsity`` is a float32 scalar in [0, 1] (it may be traced); ``n`` is a
+  static size below 2**31. The float is split into its integer mantissa ``m``
+  and a power of two, ``s = m / 2**shift``, and ``m * n`` (up to 55 bits) is
+  formed in 12-bit limbs so that every partial product fits in int32.
+
+  Args:
+    sparsity: float32 scalar in [0, 1].
+    n: number of entries, 0 <= n < 2**31.
+
+  Returns:
+    uint32 scalar.
+  """
+  if not 0 <= n <= MAX_GROUP_SIZE:
+    raise ValueError(f"group size must be in [0, 2**31 - 1]; got {n}.")
+  bits = lax.bitcast_convert_type(jnp.asarray(sparsity, jnp.float32), jnp.uint32)
+  exponent = ((bits >> 23) & 0xFF).astype(jnp.int32)
+  fraction = bits & jnp.uint32(0x7FFFFF)
+  mantissa = jnp.where(exponent > 0, fraction | jnp.uint32(0x800000), fraction)
+  shift = jnp.where(exponent > 0, 150 - exponent, 149)  # s = m * 2**-shift.
+
+  m_limbs = [mantissa & 0xFFF, mantissa >> 12]
+  n_limbs = [(n >> (12 * j)) & 0xFFF for j in range(3)]
+  # Column sums of the limb products (< 2**25 each), then carry into 12 bits.
+  limbs, carry = [], jnp.uint32(0)
+  for t in range(5):
+    column = carry
+    for i, m_limb in enumerate(m_limbs):
+      j = t - i
+      if 0 <= j < len(n_limbs) and n_limbs[j]:
+        column = column + m_limb * jnp.uint32(n_limbs[j])
+    limbs.append(column & 0xFFF)
+    carry = column >> 12
+
+  # twice = floor(2 * s * n) = (m * n) >> (shift - 1); sticky: bits shifted out.
+  down = shift - 1
+  twice, sticky = jnp.uint32(0), jnp.bool_(False)
+  for t, limb in enumerate(limbs):
+    offset = 12 * t - down  # Where this limb's lowest bit lands.
+    left = jnp.clip(offset, 0, 31).astype(jnp.uint32)
+    right = jnp.clip(-offset, 0, 31).astype(jnp.uint32)
+    gone = -offset >= 12  # The whole limb is shifted out.
+    twice = twice + jnp.where(
+        gone, 0, jnp.where(offset >= 0, limb << left, limb >> right)
+    )
+    lost = jnp.where(gone, limb, limb & ((jnp.uint32(1) << right) - 1))
+    sticky = sticky | ((offset < 0) & (lost != 0))
+  base = twice >> 1
+  half = (twice & 1) == 1
+  # Above one half: round up; exactly one half: round to even.
+  return jnp.where(half & (sticky | ((base & 1) == 1)), base + 1, base)
+
+
 
 
 def erk_ratio(shape: Sequence[int]) -> float:
@@ -40,8 +110,8 @@ def erk_ratio(shape: Sequence[int]) -> float:
 
 def uniform_prune_counts(sizes: Sequence[int], sparsity: jax.Array) -> list[jax.Array]:
   """``round(s * n_l)`` per leaf (uint32)."""
-  sparsity = _thresholds.clip_sparsity(sparsity)
-  return [_thresholds.prune_count(sparsity, n) for n in sizes]
+  sparsity = clip_sparsity(sparsity)
+  return [prune_count(sparsity, n) for n in sizes]
 
 
 def erk_densities(sizes, ratios, sparsity) -> jax.Array:
@@ -79,13 +149,13 @@ def erk_prune_counts(
   from, or given to, the leaves that are not dense, in order, never beyond a
   leaf's size.
   """
-  sparsity = _thresholds.clip_sparsity(sparsity)
-  total = _thresholds.prune_count(sparsity, sum(sizes)).astype(jnp.int32)
+  sparsity = clip_sparsity(sparsity)
+  total = prune_count(sparsity, sum(sizes)).astype(jnp.int32)
   if not sizes:
     return []
   densities = erk_densities(sizes, ratios, sparsity)
   counts = [
-      _thresholds.prune_count(1.0 - densities[i], n).astype(jnp.int32)
+      prune_count(1.0 - densities[i], n).astype(jnp.int32)
       for i, n in enumerate(sizes)
   ]
   residual = total - sum(counts)
@@ -101,3 +171,63 @@ def erk_prune_counts(
       counts[i] = counts[i] + step
       residual = residual - step
   return [c.astype(jnp.uint32) for c in counts]
+
+
+def nested_counts(
+    counts: Sequence[jax.Array], pruned: Sequence[jax.Array]
+) -> list[jax.Array]:
+  """``counts`` moved so that no group loses fewer units than ``pruned`` (what
+  it has lost already), with the same sum; uint32.
+
+  Rounding can give a leaf one unit fewer at a higher ERK sparsity, which
+  would revive a pruned unit. Each group is raised to its floor and the
+  difference taken back from the groups above theirs, in order: possible
+  because the total has not fallen. When it has (a falling schedule), counts
+  are left as they are, as uniform counts are.
+  """
+  counts = [jnp.asarray(c).astype(jnp.int32) for c in counts]
+  pruned = [jnp.asarray(p).astype(jnp.int32) for p in pruned]
+  rising = sum(counts) >= sum(pruned)
+  floors = [jnp.where(rising, p, 0) for p in pruned]
+  raised = [jnp.maximum(c, f) for c, f in zip(counts, floors)]
+  excess = sum(raised) - sum(counts)
+  out = []
+  for c, f in zip(raised, floors):
+    take = jnp.clip(excess, 0, c - f)
+    out.append((c - take).astype(jnp.uint32))
+    excess = excess - take
+  return out
+
+
+def prune_counts(
+    distribution: str,
+    sizes: Sequence[int],
+    shapes: Sequence[Sequence[int]],
+    sparsity: jax.Array,
+    pruned: Optional[Sequence[jax.Array]] = None,
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Units to prune per group, and the sparsity that asks of each group.
+
+  Args:
+    distribution: ``"uniform"`` or ``"erk"`` (one leaf per group: ERK's
+      ratio is taken from the leaf's ``shape``).
+    sizes: units per group.
+    shapes: per group, the shape of its (first) leaf.
+    sparsity: float32 scalar, the schedule's sparsity; clipped to [0, 1], NaN
+      counts as 0.
+    pruned: optional, per group, the units it has lost already; ERK counts
+      then never fall below them while the sparsity rises
+      (:func:`nested_counts`). Uniform counts, ``round(s * n)``, never fall
+      while ``s`` rises.
+
+  Returns:
+    ``(counts, shares)``: per group a uint32 count in [0, size] and a float32
+    scalar, the sparsity asked of it (its own share under ERK).
+  """
+  sparsity = clip_sparsity(sparsity)
+  if distribution == "erk":
+    counts = erk_prune_counts(sizes, [erk_ratio(s) for s in shapes], sparsity)
+    if pruned is not None:
+      counts = nested_counts(counts, pruned)
+    return counts, [c.astype(jnp.float32) / max(n, 1) for c, n in zip(counts, sizes)]
+  return uniform_prune_counts(sizes, sparsity), [sparsity] * len(sizes)

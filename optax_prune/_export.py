@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -13,10 +12,8 @@ import numpy as np
 from jax.experimental import sparse
 
 from optax_prune import _granularity
-from optax_prune import _summary
-
-# The largest `m` whose positions fit the uint8 `indices` of `NMSparse`.
-_MAX_M = _granularity.MAX_M
+from optax_prune import _paths
+from optax_prune import _tables
 
 
 def _leaves_with_masks(params: Any, masks: Any):
@@ -30,16 +27,14 @@ def _leaves_with_masks(params: Any, masks: Any):
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   if masks is None:
     mask_leaves = []
-    for _, leaf in path_leaves:
-      dtype = getattr(leaf, "dtype", None)
-      if (dtype is not None and jnp.issubdtype(dtype, jnp.floating)
-          and np.ndim(leaf) >= 2):
+    for path, leaf in path_leaves:
+      if hasattr(leaf, "dtype") and _paths.default_where(path, leaf):
         _check_not_traced(leaf, "params")
         mask_leaves.append(np.asarray(leaf) != 0)
       else:
         mask_leaves.append(None)
     return path_leaves, treedef, mask_leaves
-  path_leaves, mask_leaves = _summary.pair_masks(params, masks, "params")
+  path_leaves, mask_leaves = _paths.pair_masks(params, masks, "params")
   checked = []
   for (path, leaf), mask in zip(path_leaves, mask_leaves):
     if mask is None:
@@ -132,7 +127,8 @@ class NMSparse(NamedTuple):
 
   Examples:
     >>> import jax.numpy as jnp, optax_prune
-    >>> w = optax_prune.to_nm(jnp.array([0.0, 5.0, 0.0, 7.0]), n=2, m=4)
+    >>> x = jnp.array([0.0, 5.0, 0.0, 7.0])
+    >>> w = optax_prune.to_nm(x, None, optax_prune.n_of_m(2, 4, axis=0))
     >>> w.values, w.indices
     (Array([5., 7.], dtype=float32), Array([1, 3], dtype=uint8))
     >>> w.todense()
@@ -149,6 +145,11 @@ class NMSparse(NamedTuple):
   m: int
   axis: int  # Non-negative.
   shape: tuple[int, ...]  # The dense shape.
+
+  @property
+  def granularity(self) -> _granularity.NOfM:
+    """The pattern, as the granularity that prunes to it."""
+    return _granularity.NOfM(self.n, self.m, self.axis)
 
   def todense(self) -> jax.Array:
     """The dense array, bitwise equal to ``jnp.where(mask, x, 0)``."""
@@ -168,36 +169,35 @@ jax.tree_util.register_pytree_with_keys(
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis", "shape"))
 def _nm_todense(values, indices, *, n, m, axis, shape):
-  rest = shape[:axis] + shape[axis + 1:]
-  groups = shape[axis] // m
-  values = jnp.moveaxis(values, axis, -1).reshape(rest + (groups, n))
-  indices = jnp.moveaxis(indices, axis, -1).reshape(rest + (groups, n))
-  # hits[..., g, k, j]: slot k of group g holds position j. A selection, not
-  # a sum, so every kept value (-0.0 and NaNs included) lands bit for bit.
+  del shape
+  pattern = _granularity.NOfM(n, m, axis)
+  values, indices = pattern.groups(values, n), pattern.groups(indices, n)
+  # For each dense position in a group, the slot that holds it (if any).
   hits = indices[..., :, None] == jnp.arange(m, dtype=indices.dtype)
   slot = jnp.argmax(hits, axis=-2)
   dense = jnp.where(hits.any(axis=-2),
                     jnp.take_along_axis(values, slot, axis=-1),
                     jnp.zeros((), values.dtype))
-  return jnp.moveaxis(dense.reshape(rest + (groups * m,)), -1, axis)
+  return pattern.ungroup(dense)
 
 
-def _nm_problem(shape, mask: np.ndarray, n: int, m: int, axis: int):
-  """Returns (normalized axis, None), or (None, why `mask` is not N:M)."""
-  ndim = len(shape)
-  if not -ndim <= axis < ndim:
+def _nm_problem(shape, mask: np.ndarray, nm: _granularity.NOfM):
+  """Returns (the pattern with a non-negative axis, None), or (None, why
+  `mask` is not N:M)."""
+  ndim, n, m = len(shape), nm.n, nm.m
+  if not -ndim <= nm.axis < ndim:
     return None, (
-        f"`axis`={axis} is out of range for an array of shape {tuple(shape)}."
+        f"`axis`={nm.axis} is out of range for an array of shape {tuple(shape)}."
     )
-  axis = axis % ndim
+  axis = nm.axis % ndim
   if shape[axis] % m:
     return None, (
         f"`axis` {axis} has length {shape[axis]}, not a multiple of `m`={m}:"
         " N:M groups need whole groups of m entries. Pick another `axis`, or"
         " an `m` that divides its length."
     )
-  groups = np.moveaxis(mask, axis, -1).reshape(-1, m)
-  counts = groups.sum(axis=-1)
+  pattern = _granularity.NOfM(n, m, axis)
+  counts = pattern.groups(mask).reshape(-1, m).sum(axis=-1)
   over = int(np.count_nonzero(counts > n))
   if over:
     return None, (
@@ -206,17 +206,26 @@ def _nm_problem(shape, mask: np.ndarray, n: int, m: int, axis: int):
         f" {int(counts.max())}). Prune with an {n}:{m} pattern along this axis"
         " first, or pass a larger `n`."
     )
-  return axis, None
+  return pattern, None
 
 
-def to_nm(x: Any, mask: Any = None, n: int = 2, m: int = 4,
-          axis: int = -1) -> NMSparse:
-  """Packs an array with N:M sparsity along `axis` into an :class:`NMSparse`.
+def _check_pattern(name: str, nm: Any) -> _granularity.NOfM:
+  if not isinstance(nm, _granularity.NOfM):
+    raise ValueError(
+        f"`{name}` must be an N:M granularity such as"
+        f" `optax_prune.n_of_m(2, 4, axis=0)`; got {nm!r}."
+    )
+  return nm
 
-  Along `axis`, whose length must be a multiple of `m`, each group of `m`
-  consecutive entries may keep at most `n` of them (2:4 is what NVIDIA's
-  sparse tensor cores take). The result is exact: ``to_nm(x, mask, n, m,
-  axis).todense()`` equals ``jnp.where(mask, x, 0)`` bit for bit.
+
+def to_nm(x: Any, mask: Any, nm: _granularity.NOfM) -> NMSparse:
+  """Packs an array with N:M sparsity along an axis into an :class:`NMSparse`.
+
+  ``nm`` is the granularity the array was pruned with, ``n_of_m(n, m,
+  axis=...)``: along its axis, whose length must be a multiple of `m`, each
+  group of `m` consecutive entries may keep at most `n` of them (2:4 is what
+  NVIDIA's sparse tensor cores take). The result is exact: ``to_nm(x, mask,
+  nm).todense()`` equals ``jnp.where(mask, x, 0)`` bit for bit.
 
   This is a host-side export (it checks the mask's values): call it on
   concrete arrays, not under ``jax.jit``.
@@ -225,22 +234,22 @@ def to_nm(x: Any, mask: Any = None, n: int = 2, m: int = 4,
     x: the dense array.
     mask: bool keep-mask of `x`'s shape (True = kept), e.g. a leaf of
       ``find_pruning_state(opt_state).masks``. If None, ``x != 0``.
-    n: entries kept at most per group, ``1 <= n < m``.
-    m: group size, at most 256.
-    axis: the axis along which groups are taken.
+    nm: the pattern, :func:`n_of_m` (for a flax ``Dense`` kernel to be used
+      by :func:`nm_matmul`, ``axis=0``, the contraction axis).
 
   Returns:
     An :class:`NMSparse` with the kept values and their positions.
 
   Raises:
-    ValueError: if `n` or `m` is invalid, `axis` is out of range or its length
-      is not a multiple of `m`, or some group keeps more than `n` entries.
+    ValueError: if `nm` is not an N:M granularity, its axis is out of range
+      or not a multiple of `m` long, or some group keeps more than `n`
+      entries.
 
   Examples:
     >>> import jax.numpy as jnp, optax_prune
     >>> x = jnp.array([[1.0, 0.0, 3.0, 4.0], [0.0, 6.0, 0.0, 0.0]])
     >>> mask = jnp.array([[True, False, False, True], [False, True, False, False]])
-    >>> w = optax_prune.to_nm(x, mask, n=2, m=4)
+    >>> w = optax_prune.to_nm(x, mask, optax_prune.n_of_m(2, 4, axis=-1))
     >>> w.values
     Array([[1., 4.],
            [6., 0.]], dtype=float32)
@@ -248,7 +257,7 @@ def to_nm(x: Any, mask: Any = None, n: int = 2, m: int = 4,
     Array([[0, 3],
            [1, 0]], dtype=uint8)
   """
-  n, m = _granularity.check_n_m(n, m)
+  _check_pattern("nm", nm)
   _check_not_traced(x, "x")
   values = np.asarray(x)
   if mask is None:
@@ -261,18 +270,11 @@ def to_nm(x: Any, mask: Any = None, n: int = 2, m: int = 4,
           f"`mask` must be a bool array of `x`'s shape {values.shape}, got"
           f" {mask.dtype}{list(mask.shape)}."
       )
-  try:
-    axis = operator.index(axis)
-  except TypeError:
-    raise ValueError(f"`axis` must be an int, got {axis!r}.") from None
-  axis, problem = _nm_problem(values.shape, mask, n, m, axis)
+  pattern, problem = _nm_problem(values.shape, mask, nm)
   if problem:
     raise ValueError(problem)
-  shape = values.shape
-  rest = shape[:axis] + shape[axis + 1:]
-  groups = shape[axis] // m
-  grouped = np.moveaxis(values, axis, -1).reshape(rest + (groups, m))
-  kept = np.moveaxis(mask, axis, -1).reshape(rest + (groups, m))
+  n = pattern.n
+  grouped, kept = pattern.groups(values), pattern.groups(mask)
   # A stable sort of "not kept" puts each group's kept positions first, in
   # position order, then its unused ones: the first n are the kept entries,
   # padded with distinct unused positions (there are m - n > 0 of them).
@@ -280,11 +282,10 @@ def to_nm(x: Any, mask: Any = None, n: int = 2, m: int = 4,
   slot_kept = np.take_along_axis(kept, order, axis=-1)
   packed = np.where(slot_kept, np.take_along_axis(grouped, order, axis=-1),
                     np.zeros((), values.dtype))
-  unpack = lambda a: np.moveaxis(a.reshape(rest + (groups * n,)), -1, axis)
   return NMSparse(
-      values=jnp.asarray(unpack(packed)),
-      indices=jnp.asarray(unpack(order.astype(np.uint8))),
-      n=n, m=m, axis=axis, shape=tuple(shape),
+      values=jnp.asarray(pattern.ungroup(packed)),
+      indices=jnp.asarray(pattern.ungroup(order.astype(np.uint8))),
+      n=n, m=pattern.m, axis=pattern.axis, shape=tuple(values.shape),
   )
 
 
@@ -303,7 +304,7 @@ def nm_matmul(inputs: Any, w: NMSparse, *, precision=None) -> jax.Array:
   Args:
     inputs: an array of shape ``(..., K)``.
     w: an :class:`NMSparse` of dense shape ``(K, N)`` with ``axis=0``, e.g.
-      ``to_nm(kernel, mask, n=2, m=4, axis=0)``.
+      ``to_nm(kernel, mask, n_of_m(2, 4, axis=0))``.
     precision: passed to ``jnp.einsum``, as for ``jnp.matmul``.
 
   Returns:
@@ -312,7 +313,7 @@ def nm_matmul(inputs: Any, w: NMSparse, *, precision=None) -> jax.Array:
   Examples:
     >>> import jax.numpy as jnp, optax_prune
     >>> kernel = jnp.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [3.0, 4.0]])
-    >>> w = optax_prune.to_nm(kernel, n=2, m=4, axis=0)
+    >>> w = optax_prune.to_nm(kernel, None, optax_prune.n_of_m(2, 4, axis=0))
     >>> optax_prune.nm_matmul(jnp.array([[1.0, 1.0, 1.0, 1.0]]), w)
     Array([[4., 6.]], dtype=float32)
   """
@@ -320,7 +321,7 @@ def nm_matmul(inputs: Any, w: NMSparse, *, precision=None) -> jax.Array:
     raise ValueError(
         f"`w` must be a 2-D NMSparse with `axis`=0 (N:M along the contraction"
         f" axis), got shape {w.shape} and axis {w.axis}. Build it with"
-        " `to_nm(kernel, mask, n, m, axis=0)`."
+        " `to_nm(kernel, mask, n_of_m(n, m, axis=0))`."
     )
   k, _ = w.shape
   if np.ndim(inputs) < 1 or np.shape(inputs)[-1] != k:
@@ -375,28 +376,21 @@ class ExportSizeReport(NamedTuple):
       return (path, shape, f"{kept / size:.2%}" if size else "-", str(dense),
               str(bcoo), "-" if nm is None else str(nm), ratio)
 
-    lines = [
+    body = [
         cells(r.path, str(r.shape), math.prod(r.shape), r.kept, r.dense_bytes,
               r.bcoo_bytes, r.nm_bytes)
         for r in self.rows
     ]
-    lines.append(cells(
+    total = cells(
         "total", "", sum(math.prod(r.shape) for r in self.rows),
         sum(r.kept for r in self.rows), self.dense_bytes, self.bcoo_bytes,
         self.nm_bytes,
-    ))
-    widths = [max(len(c) for c in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(
-        c.ljust(w) if i < 2 else c.rjust(w)
-        for i, (c, w) in enumerate(zip(cells, widths))
     )
-    rule = "  ".join("-" * w for w in widths)
-    body = [fmt(l) for l in lines[:-1]]
-    return "\n".join([fmt(header), rule] + body + [rule, fmt(lines[-1])])
+    return _tables.format_table(header, body, [total], left=2)
 
 
 def export_size_report(params: Any, masks: Any = None, *,
-                       nm: Optional[tuple[int, int, int]] = None
+                       nm: Optional[_granularity.NOfM] = None
                        ) -> ExportSizeReport:
   """Bytes of every array leaf stored dense, as BCOO and, optionally, as N:M.
 
@@ -410,8 +404,8 @@ def export_size_report(params: Any, masks: Any = None, *,
     params: a pytree of arrays, e.g. the trained params.
     masks: keep-masks as for :func:`to_bcoo`; if None, every floating leaf
       with ndim >= 2 counts as pruned, keeping its nonzero entries.
-    nm: optional ``(n, m, axis)``; N:M bytes are then given for each pruned
-      leaf whose mask fits the pattern (None for the others).
+    nm: optional N:M granularity, ``n_of_m(n, m, axis=...)``; N:M bytes are
+      then given for each pruned leaf whose mask fits it (None for the others).
 
   Returns:
     An :class:`ExportSizeReport`; ``print`` it for a table.
@@ -420,21 +414,15 @@ def export_size_report(params: Any, masks: Any = None, *,
     >>> import jax.numpy as jnp, optax, optax_prune
     >>> params = {"w": jnp.array([[1.0, 0.0, 0.0, 2.0]]), "b": jnp.ones(3)}
     >>> masks = {"w": params["w"] != 0, "b": optax.MaskedNode()}
-    >>> report = optax_prune.export_size_report(params, masks, nm=(2, 4, -1))
+    >>> report = optax_prune.export_size_report(
+    ...     params, masks, nm=optax_prune.n_of_m(2, 4, axis=-1))
     >>> [(r.path, r.dense_bytes, r.bcoo_bytes, r.nm_bytes) for r in report.rows]
     [("['b']", 12, 12, None), ("['w']", 16, 24, 10)]
     >>> report.dense_bytes, report.bcoo_bytes, report.nm_bytes
     (28, 36, 22)
   """
   if nm is not None:
-    try:
-      n, m, axis = nm
-      axis = operator.index(axis)
-    except (TypeError, ValueError):
-      raise ValueError(
-          f"`nm` must be a tuple (n, m, axis) of ints, got {nm!r}."
-      ) from None
-    n, m = _granularity.check_n_m(n, m, "`nm`'s n", "m")
+    _check_pattern("nm", nm)
   path_leaves, _, mask_leaves = _leaves_with_masks(params, masks)
   rows = []
   for (path, leaf), mask in zip(path_leaves, mask_leaves):
@@ -450,8 +438,8 @@ def export_size_report(params: Any, masks: Any = None, *,
       kept = int(np.count_nonzero(mask))
       bcoo = kept * (itemsize + 4 * len(shape))
       nm_bytes = None
-      if nm is not None and _nm_problem(shape, mask, n, m, axis)[1] is None:
-        nm_bytes = size // m * n * (itemsize + 1)  # Values + uint8 indices.
+      if nm is not None and _nm_problem(shape, mask, nm)[1] is None:
+        nm_bytes = size // nm.m * nm.n * (itemsize + 1)  # Values + uint8 indices.
     rows.append(LeafExportSize(
         path=jax.tree_util.keystr(path), shape=shape,
         dtype=str(np.dtype(leaf.dtype)), dense_bytes=dense, kept=kept,

@@ -16,19 +16,24 @@ unit decisions back to a keep-mask of the leaf's shape:
   is not a multiple are smaller and scored over their real entries only.
 * :func:`channels`: a unit is a slice at one index of ``axis`` (a filter or an
   output channel), scored by the L1 or L2 norm of its entries.
+
+Your own granularity is any hashable object (a frozen dataclass) with the
+members of :class:`Granularity`: ``check``, ``unit_scores``, ``expand`` and
+``needs_whole_leaf``. Leaves of one schedule with equal granularities are
+ranked together under ``scope="global"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import operator
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_prune import _checks
 from optax_prune import _thresholds
 
 
@@ -49,9 +54,37 @@ def _check_axis(name: str, axis, shape, path: str) -> int:
   return axis % len(shape)
 
 
+@runtime_checkable
+class Granularity(Protocol):
+  """What one pruning decision removes: the protocol of a granularity.
+
+  The mask update calls, per pruned leaf: ``unit_scores`` on the leaf's
+  scores (an array of its shape), ranks the units' ``|score|`` with the exact
+  kernels (``round(s * units)`` pruned, ties by position in the unit scores'
+  row-major order), then ``expand`` to turn the unit decisions back into a
+  keep-mask of the leaf's shape.
+  """
+
+  # Whether `unit_scores`/`expand` need the leaf whole on each device: under
+  # Explicit mesh axes its scores are then gathered at a mask update and the
+  # mask put back (`_placement`); elementwise ones work on shards.
+  needs_whole_leaf: bool
+
+  def check(self, path: str, shape: Sequence[int]) -> None:
+    """Raises a ``ValueError`` naming ``path`` if the leaf does not fit."""
+
+  def unit_scores(self, scores: jax.Array) -> jax.Array:
+    """One floating score per unit (any shape); smallest ``|score|`` pruned first."""
+
+  def expand(self, unit_keep: jax.Array, scores: jax.Array) -> jax.Array:
+    """The leaf's bool keep-mask from the units' (``unit_scores``-shaped) one."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Unstructured:
   """Each entry is ranked on its own."""
+
+  needs_whole_leaf = False
 
   def check(self, path: str, shape: Sequence[int]) -> None:
     del path, shape
@@ -68,6 +101,8 @@ class Unstructured:
 class NOfM:
   """At most ``n`` of every ``m`` consecutive entries along ``axis`` kept."""
 
+  needs_whole_leaf = True
+
   n: int = 2
   m: int = 4
   axis: int = -1
@@ -81,10 +116,22 @@ class NOfM:
           " another axis or granularity for this leaf."
       )
 
-  def _groups(self, x: jax.Array) -> jax.Array:
-    """``x`` with ``axis`` last and split: (..., groups, m)."""
-    x = jnp.moveaxis(x, self.axis, -1)
-    return x.reshape(x.shape[:-1] + (x.shape[-1] // self.m, self.m))
+  def groups(self, x: jax.Array, per_group: int = 0) -> jax.Array:
+    """``x`` with ``axis`` last, split into groups: (..., groups, per_group).
+
+    ``per_group`` defaults to ``m`` (a packed N:M array has ``n``). The one
+    place where N:M groups are formed, for masks and exports; NumPy or JAX.
+    """
+    xp = np if isinstance(x, np.ndarray) else jnp
+    per_group = per_group or self.m
+    x = xp.moveaxis(x, self.axis, -1)
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // per_group, per_group))
+
+  def ungroup(self, x: jax.Array) -> jax.Array:
+    """The inverse of :meth:`groups` for (..., groups, k): ``axis`` of length groups * k."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    x = x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+    return xp.moveaxis(x, -1, self.axis)
 
   def _kept_in_group(self, scores: jax.Array) -> jax.Array:
     """(..., groups, m) bools: the ``n`` largest ``|score|`` of each group.
@@ -95,7 +142,7 @@ class NOfM:
     keys = _thresholds.magnitude_keys(
         scores, _thresholds.needs_wide_keys([scores])
     )
-    keys = self._groups(keys)
+    keys = self.groups(keys)
     mine, other = keys[..., :, None], keys[..., None, :]
     position = jnp.arange(self.m)
     earlier = position[None, :] < position[:, None]
@@ -104,18 +151,18 @@ class NOfM:
     return rank >= self.m - self.n
 
   def unit_scores(self, scores: jax.Array) -> jax.Array:
-    lost = jnp.where(self._kept_in_group(scores), 0, jnp.abs(self._groups(scores)))
+    lost = jnp.where(self._kept_in_group(scores), 0, jnp.abs(self.groups(scores)))
     return jnp.sum(lost, axis=-1, dtype=_score_dtype(scores))
 
   def expand(self, unit_keep: jax.Array, scores: jax.Array) -> jax.Array:
-    keep = self._kept_in_group(scores) | unit_keep[..., None]
-    keep = keep.reshape(keep.shape[:-2] + (keep.shape[-2] * self.m,))
-    return jnp.moveaxis(keep, -1, self.axis)
+    return self.ungroup(self._kept_in_group(scores) | unit_keep[..., None])
 
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
   """``(bh, bw)`` blocks of the last two axes, scored by mean or max."""
+
+  needs_whole_leaf = True
 
   shape: tuple[int, int] = (4, 4)
   reduce: str = "mean"
@@ -156,6 +203,8 @@ class Blocks:
 class Channels:
   """Whole slices along ``axis``, scored by their L1 or L2 norm."""
 
+  needs_whole_leaf = True
+
   axis: int = -1
   norm: str = "l2"
 
@@ -186,41 +235,18 @@ class Channels:
     return jnp.broadcast_to(unit_keep.reshape(shape), scores.shape)
 
 
-Granularity = Unstructured | NOfM | Blocks | Channels
-
-
-def _positive_int(name: str, value) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise ValueError(
-        f"`{name}` must be a positive integer (a Python or NumPy int); got"
-        f" {value!r}."
-    )
-  if value < 1:
-    raise ValueError(f"`{name}` must be a positive integer; got {value}.")
-  return int(value)
-
-
-def _integer(name: str, value) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"`{name}` must be an integer; got {value!r}.")
-  return int(value)
-
-
 def check_n_m(n: Any, m: Any, name_n: str = "`n`", name_m: str = "`m`"):
   """``(n, m)`` as ints; raises unless ``1 <= n < m <= MAX_M``.
 
   One rule for `n_of_m` and `to_nm`: ranking within a group compares all
   m * m pairs, and the packed layout stores positions as uint8.
   """
-  try:
-    if isinstance(n, (bool, np.bool_)) or isinstance(m, (bool, np.bool_)):
-      raise TypeError
-    n, m = operator.index(n), operator.index(m)
-  except TypeError:
+  if not (_checks.is_integer(n) and _checks.is_integer(m)):
     raise ValueError(
         f"{name_n} and {name_m} must be ints with 1 <= n < m <= {MAX_M}, got"
         f" n={n!r}, m={m!r}."
-    ) from None
+    )
+  n, m = int(n), int(m)
   if not 1 <= n < m <= MAX_M:
     raise ValueError(
         f"{name_n} and {name_m} must satisfy 1 <= n < m <= {MAX_M} (each group"
@@ -273,7 +299,7 @@ def n_of_m(n: int = 2, m: int = 4, *, axis: int = -1) -> NOfM:
            [False, False,  True,  True]], dtype=bool)
   """
   n, m = check_n_m(n, m)
-  return NOfM(n, m, _integer("axis", axis))
+  return NOfM(n, m, _checks.integer("axis", axis))
 
 
 def blocks(shape: tuple[int, int] = (4, 4), *, reduce: str = "mean") -> Blocks:
@@ -298,10 +324,9 @@ def blocks(shape: tuple[int, int] = (4, 4), *, reduce: str = "mean") -> Blocks:
   """
   if not isinstance(shape, (tuple, list)) or len(shape) != 2:
     raise ValueError(f"`shape` must be a pair (bh, bw); got {shape!r}.")
-  shape = (_positive_int("shape[0]", shape[0]), _positive_int("shape[1]", shape[1]))
-  if reduce not in ("mean", "max"):
-    raise ValueError(f"`reduce` must be 'mean' or 'max'; got {reduce!r}.")
-  return Blocks(shape, reduce)
+  shape = (_checks.integer("shape[0]", shape[0], 1),
+           _checks.integer("shape[1]", shape[1], 1))
+  return Blocks(shape, _checks.one_of("reduce", reduce, ("mean", "max")))
 
 
 def channels(*, axis: int = -1, norm: str = "l2") -> Channels:
@@ -323,13 +348,12 @@ def channels(*, axis: int = -1, norm: str = "l2") -> Channels:
     >>> import optax_prune
     >>> granularity = optax_prune.channels(axis=-1, norm="l1")
   """
-  if norm not in ("l1", "l2"):
-    raise ValueError(f"`norm` must be 'l1' or 'l2'; got {norm!r}.")
-  return Channels(_integer("axis", axis), norm)
+  norm = _checks.one_of("norm", norm, ("l1", "l2"))
+  return Channels(_checks.integer("axis", axis), norm)
 
 
 def unit_count(granularity: Granularity, shape: Sequence[int]) -> int:
-  """Number of units of a leaf of ``shape`` (static)."""
+  """Number of units of a leaf of ``shape`` (static; any granularity)."""
   return math.prod(
       jax.eval_shape(
           granularity.unit_scores, jax.ShapeDtypeStruct(tuple(shape), jnp.float32)

@@ -1,10 +1,20 @@
-"""Per-leaf settings chosen by the leaf's path: ``by_path``."""
+"""Which value and which mask belong to which leaf of the params.
+
+* :func:`by_path` rules and pytree prefixes both give one setting per leaf
+  (:func:`per_leaf`);
+* :func:`default_where` is the rule for the leaves pruned by default;
+* :func:`pair_masks` pairs a tree's leaves with the pruning state's masks.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +30,7 @@ class PathRules:
   def resolve(self, path: str) -> Any:
     for pattern, value in self.rules:
       if re.search(pattern, path):
-        return value
+        return value  # The first rule that matches wins.
     return self.default
 
 
@@ -59,3 +69,70 @@ def by_path(rules: Mapping[str, Any], default: Any) -> PathRules:
     except re.error as e:
       raise ValueError(f"`rules` pattern {pattern!r} is not a regular expression: {e}") from e
   return PathRules(tuple(rules.items()), default)
+
+
+def spec_values(spec: Any, is_leaf: Callable[[Any], bool]) -> list:
+  """Every value a per-leaf setting can take: a prefix tree's leaves, or rules'."""
+  if isinstance(spec, PathRules):
+    return spec.values()
+  return jax.tree.leaves(spec, is_leaf=is_leaf)
+
+
+def per_leaf(
+    spec: Any, tree: Any, is_leaf: Optional[Callable[[Any], bool]], name: str
+) -> list:
+  """One value of ``spec`` per leaf of ``tree``: by path rules, or by prefix.
+
+  A prefix tree's value applies to every leaf of the subtree it stands for,
+  as in ``optax.masked``.
+  """
+  if isinstance(spec, PathRules):
+    return [spec.resolve(jax.tree_util.keystr(path))
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  values, prefix_def = jax.tree.flatten(spec, is_leaf=is_leaf)
+  try:
+    subtrees = prefix_def.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"`{name}` must be a single value or a pytree whose structure is a"
+        f" prefix of the params' structure; they do not match: {e}"
+    ) from e
+  return [v for v, sub in zip(values, subtrees) for _ in jax.tree.leaves(sub)]
+
+
+def default_where(path: Any, leaf: Any) -> bool:
+  """Pruned by default: floating leaves with ``ndim >= 2`` (kernels)."""
+  del path
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and jnp.ndim(leaf) >= 2
+
+
+def is_masked(x: Any) -> bool:
+  """Whether ``x`` stands for a leaf without a mask (``optax.MaskedNode``)."""
+  return isinstance(x, optax.MaskedNode)
+
+
+def pair_masks(tree: Any, masks: Any, name: str) -> tuple[list, list]:
+  """``tree``'s (path, leaf) pairs and each leaf's mask (None: not pruned).
+
+  ``masks`` is like the pruning state's: keep-masks and ``optax.MaskedNode``
+  (read as None), or None for no masks at all. The same leaves under wrapper
+  nodes (an ``nnx.State`` of ``Param`` beside the optimizer state's pure
+  dicts) are paired by path prefix.
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  if masks is None:
+    return path_leaves, [None] * len(path_leaves)
+  try:
+    mask_leaves = treedef.flatten_up_to(masks)
+  except (ValueError, TypeError):
+    mask_paths = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masked)[0]
+    mask_leaves = [m for _, m in mask_paths]
+    if len(mask_paths) != len(path_leaves) or not all(
+        jax.tree_util.keystr(path).startswith(jax.tree_util.keystr(mask_path))
+        for (mask_path, _), (path, _) in zip(mask_paths, path_leaves)
+    ):
+      raise ValueError(
+          f"`masks` must have the structure of `{name}`, as the pruning"
+          " state's `masks` have for the params."
+      ) from None
+  return path_leaves, [None if is_masked(m) else m for m in mask_leaves]

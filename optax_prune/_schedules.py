@@ -9,17 +9,24 @@ holds two scalars:
 
 Schedules must not branch in Python on ``step``: they use ``jnp.where`` and
 clipping, so one compiled train step serves the whole run.
+
+The built-in schedules are frozen dataclasses, equal when their arguments are:
+leaves whose schedules are equal share a group (one global ranking, one ERK
+budget), whichever call built them. A plain number ``s`` means
+``constant_schedule(s)``, so equal numbers share a group too. Functions of
+your own are equal only to themselves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import numbers
 from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from optax_prune import _checks
 
 
 class PruningTarget(NamedTuple):
@@ -36,36 +43,8 @@ class PruningSchedule(Protocol):
     ...
 
 
-def is_sparsity_number(x: Any) -> bool:
-  """Whether ``x`` is a plain real number (Python or NumPy scalar, not bool)."""
-  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-
-
-def _check_fraction(name: str, value: Any) -> float:
-  if not is_sparsity_number(value):
-    raise ValueError(
-        f"`{name}` must be a number in [0, 1]; got {value!r} of type"
-        f" {type(value).__name__}."
-    )
-  if not 0.0 <= value <= 1.0:  # Also rejects NaN.
-    raise ValueError(f"`{name}` must be in [0, 1]; got {value!r}.")
-  return float(value)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-    raise ValueError(
-        f"`{name}` must be an integer >= {minimum}; got {value!r} of type"
-        f" {type(value).__name__}."
-    )
-  if value < minimum:
-    raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value}.")
-  if value > jnp.iinfo(jnp.int32).max:
-    raise ValueError(
-        f"`{name}` must fit in int32 (<= {jnp.iinfo(jnp.int32).max}); got"
-        f" {value}."
-    )
-  return int(value)
+def _int32(name: str, value: Any, minimum: int) -> int:
+  return _checks.integer(name, value, minimum, _checks.INT32_MAX)
 
 
 def log_schedule(
@@ -112,13 +91,27 @@ def log_schedule(
     PaddlePaddle, dynamic pruning hook (``sparsity_upper_bound``,
     ``interval_pass``, ``end_pass``).
   """
-  upper = _check_fraction("sparsity_upper_bound", sparsity_upper_bound)
-  interval = _check_int("interval_pass", interval_pass, 1)
-  end = _check_int("end_pass", end_pass, 0)
-  per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
-  denominator = math.log(2.0 + end / interval)
+  return LogSchedule(
+      _checks.fraction("sparsity_upper_bound", sparsity_upper_bound),
+      _int32("interval_pass", interval_pass, 1),
+      _int32("end_pass", end_pass, 0),
+      _int32("steps_per_epoch", steps_per_epoch, 1),
+  )
 
-  def schedule(step):
+
+@dataclasses.dataclass(frozen=True)
+class LogSchedule:
+  """:func:`log_schedule` as a value: equal arguments, equal schedules."""
+
+  sparsity_upper_bound: float
+  interval_pass: int
+  end_pass: int
+  steps_per_epoch: int
+
+  def __call__(self, step) -> PruningTarget:
+    upper, interval = self.sparsity_upper_bound, self.interval_pass
+    end, per_epoch = self.end_pass, self.steps_per_epoch
+    denominator = math.log(2.0 + end / interval)
     step = jnp.asarray(step, jnp.int32)
     epoch = step // per_epoch
     # The epoch whose value is in force: the last update epoch <= `epoch`.
@@ -131,8 +124,6 @@ def log_schedule(
     return PruningTarget(
         jnp.asarray(sparsity, jnp.float32), on_boundary & update_epoch
     )
-
-  return schedule
 
 
 def polynomial_schedule(
@@ -182,24 +173,35 @@ def polynomial_schedule(
     Zhu & Gupta, `To prune, or not to prune
     <https://arxiv.org/abs/1710.01878>`_, 2017.
   """
-  final = _check_fraction("final_sparsity", final_sparsity)
-  initial = _check_fraction("initial_sparsity", initial_sparsity)
-  begin = _check_int("begin_step", begin_step, 0)
-  end = _check_int("end_step", end_step, 0)
-  freq = _check_int("frequency", frequency, 1)
+  final = _checks.fraction("final_sparsity", final_sparsity)
+  initial = _checks.fraction("initial_sparsity", initial_sparsity)
+  begin = _int32("begin_step", begin_step, 0)
+  end = _int32("end_step", end_step, 0)
+  freq = _int32("frequency", frequency, 1)
   if begin > end:
     raise ValueError(
         f"`begin_step` must be <= `end_step`; got begin_step={begin},"
         f" end_step={end}."
     )
-  if not is_sparsity_number(power):
-    raise ValueError(f"`power` must be a number > 0; got {power!r}.")
-  if not (power > 0 and math.isfinite(power)):
-    raise ValueError(f"`power` must be a finite number > 0; got {power!r}.")
-  power = float(power)
-  span = max(end - begin, 1)
+  power = _checks.positive_number("power", power)
+  return PolynomialSchedule(final, begin, end, freq, initial, power)
 
-  def schedule(step):
+
+@dataclasses.dataclass(frozen=True)
+class PolynomialSchedule:
+  """:func:`polynomial_schedule` as a value: equal arguments, equal schedules."""
+
+  final_sparsity: float
+  begin_step: int
+  end_step: int
+  frequency: int
+  initial_sparsity: float
+  power: float
+
+  def __call__(self, step) -> PruningTarget:
+    final, initial, power = self.final_sparsity, self.initial_sparsity, self.power
+    begin, end, freq = self.begin_step, self.end_step, self.frequency
+    span = max(end - begin, 1)
     step = jnp.asarray(step, jnp.int32)
     # The update step whose value is in force: the last one <= `step`.
     offset = jnp.clip(step - begin, 0, end - begin)
@@ -211,8 +213,6 @@ def polynomial_schedule(
     in_range = (step >= begin) & (step <= end)
     update = in_range & (((step - begin) % freq == 0) | (step == end))
     return PruningTarget(jnp.asarray(sparsity, jnp.float32), update)
-
-  return schedule
 
 
 def constant_schedule(sparsity: float, *, step: int = 0) -> PruningSchedule:
@@ -236,17 +236,23 @@ def constant_schedule(sparsity: float, *, step: int = 0) -> PruningSchedule:
     >>> [bool(schedule(s).update) for s in (0, 3, 4)]
     [False, True, False]
   """
-  value = _check_fraction("sparsity", sparsity)
-  at = _check_int("step", step, 0)
+  return ConstantSchedule(
+      _checks.fraction("sparsity", sparsity), _int32("step", step, 0))
 
-  def schedule(count):
+
+@dataclasses.dataclass(frozen=True)
+class ConstantSchedule:
+  """:func:`constant_schedule` as a value: equal arguments, equal schedules."""
+
+  sparsity: float
+  step: int
+
+  def __call__(self, count) -> PruningTarget:
     count = jnp.asarray(count, jnp.int32)
     return PruningTarget(
-        jnp.where(count >= at, jnp.float32(value), jnp.float32(0.0)),
-        count == at,
+        jnp.where(count >= self.step, jnp.float32(self.sparsity), jnp.float32(0.0)),
+        count == self.step,
     )
-
-  return schedule
 
 
 def check_schedule(name: str, schedule: Any) -> Callable[[Any], PruningTarget]:
@@ -254,8 +260,8 @@ def check_schedule(name: str, schedule: Any) -> Callable[[Any], PruningTarget]:
 
   A plain number is taken as ``constant_schedule(number)``.
   """
-  if is_sparsity_number(schedule):
-    return constant_schedule(_check_fraction(name, schedule))
+  if _checks.is_number(schedule):
+    return constant_schedule(_checks.fraction(name, schedule))
   if not callable(schedule):
     raise ValueError(
         f"`{name}` must be a schedule (a callable `step -> PruningTarget`, such"

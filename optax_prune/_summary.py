@@ -6,7 +6,9 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
-import optax
+
+from optax_prune import _paths
+from optax_prune import _tables
 
 
 class LeafSparsity(NamedTuple):
@@ -31,61 +33,19 @@ class SparsitySummary(NamedTuple):
   masked_sparsity: Optional[float]  # Over the leaves that have masks only.
 
   def __str__(self) -> str:
-    header = ("path", "shape", "size", "zeros", "pruned", "sparsity")
-    lines = [
-        (r.path, str(r.shape), str(r.size), str(r.zeros),
-         "-" if r.pruned is None else str(r.pruned), f"{r.sparsity:.2%}")
-        for r in self.rows
-    ]
-    lines.append(
-        ("total", "", str(self.size), str(self.zeros),
-         "-" if self.pruned is None else str(self.pruned),
-         f"{self.sparsity:.2%}")
-    )
+    cells = lambda path, shape, size, zeros, pruned, sparsity: (
+        path, shape, str(size), str(zeros), "-" if pruned is None else str(pruned),
+        f"{sparsity:.2%}")
+    body = [cells(r.path, str(r.shape), r.size, r.zeros, r.pruned, r.sparsity)
+            for r in self.rows]
+    footer = [cells("total", "", self.size, self.zeros, self.pruned, self.sparsity)]
     if self.masked_sparsity is not None:
       masked = [r for r in self.rows if r.pruned is not None]
-      lines.append(
-          ("masked leaves", "", str(sum(r.size for r in masked)),
-           str(sum(r.zeros for r in masked)), str(self.pruned),
-           f"{self.masked_sparsity:.2%}")
-      )
-    widths = [max(len(c) for c in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(
-        c.ljust(w) if i < 2 else c.rjust(w)
-        for i, (c, w) in enumerate(zip(cells, widths))
-    )
-    rule = "  ".join("-" * w for w in widths)
-    body = [fmt(l) for l in lines[:len(self.rows)]]
-    totals = [fmt(l) for l in lines[len(self.rows):]]
-    return "\n".join([fmt(header), rule] + body + [rule] + totals)
-
-
-def pair_masks(tree: Any, masks: Any, name: str) -> tuple[list, list]:
-  """``tree``'s (path, leaf) pairs and each leaf's mask (None: not pruned).
-
-  ``masks`` is like the pruning state's: bool arrays and ``optax.MaskedNode``
-  (read as None), or None for no masks at all.
-  """
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  if masks is None:
-    return path_leaves, [None] * len(path_leaves)
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  try:
-    mask_leaves = treedef.flatten_up_to(masks)
-  except (ValueError, TypeError):
-    # Same leaves under wrapper nodes (an `nnx.State` of `Param`s beside the
-    # pure dicts of the optimizer state): pair them by path prefix.
-    mask_paths = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masked)[0]
-    mask_leaves = [m for _, m in mask_paths]
-    if len(mask_paths) != len(path_leaves) or not all(
-        jax.tree_util.keystr(path).startswith(jax.tree_util.keystr(mask_path))
-        for (mask_path, _), (path, _) in zip(mask_paths, path_leaves)
-    ):
-      raise ValueError(
-          f"`masks` must have the structure of `{name}`, as the pruning"
-          " state's `masks` have for the params."
-      ) from None
-  return path_leaves, [None if is_masked(m) else m for m in mask_leaves]
+      footer.append(cells(
+          "masked leaves", "", sum(r.size for r in masked),
+          sum(r.zeros for r in masked), self.pruned, self.masked_sparsity))
+    header = ("path", "shape", "size", "zeros", "pruned", "sparsity")
+    return _tables.format_table(header, body, footer, left=2)
 
 
 def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
@@ -110,7 +70,7 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
     >>> summary.rows[0].zeros, summary.sparsity
     (1, 0.5)
   """
-  path_leaves, mask_leaves = pair_masks(tree, masks, "tree")
+  path_leaves, mask_leaves = _paths.pair_masks(tree, masks, "tree")
   rows = []
   for (path, leaf), mask in zip(path_leaves, mask_leaves):
     if not hasattr(leaf, "shape"):
@@ -118,7 +78,7 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
     values = np.asarray(leaf)
     size = int(values.size)
     zeros = int(np.count_nonzero(values == 0))
-    pruned = None if mask is None else int(np.count_nonzero(~np.asarray(mask)))
+    pruned = None if mask is None else int(np.count_nonzero(np.asarray(mask) == 0))
     counted = zeros if pruned is None else pruned
     rows.append(LeafSparsity(
         path=jax.tree_util.keystr(path),

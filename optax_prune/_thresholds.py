@@ -13,10 +13,9 @@ pattern is ordered like the value, so:
 * ties (equal keys) are broken by position: the leaf earlier in the group
   first, then the lower row-major flat index, so masks are deterministic.
 
-The number pruned in a group of ``n`` entries at sparsity ``s`` is exactly
-``round(s * n)`` (round half to even, as Python's ``round``), computed in
-integer arithmetic from the float32 bits of ``s``: no float rounding error even
-for leaves of more than 2**24 entries.
+The kernels take the number of entries to prune, a traced uint32 scalar (see
+``_distributions.prune_count``: exactly ``round(s * n)``), so a moving
+sparsity never recompiles.
 
 Methods:
 
@@ -31,6 +30,7 @@ Methods:
   (about 7 bytes per entry, see benchmarks/RESULTS.md). Ties at the threshold,
   when a leaf must keep some of them, are split by a second search over the
   flat index, only when needed.
+* ``"auto"``: the policy :func:`choose_method`, per group.
 """
 
 from __future__ import annotations
@@ -41,14 +41,32 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
+
+from optax_prune import _checks
+from optax_prune import _distributions
+from optax_prune import _placement
 
 METHODS = ("sort", "bisect")
+THRESHOLDS = ("auto",) + METHODS
 # Bits decided per round of the radix search: 2**bits - 1 candidates per pass.
 # 1 was fastest on CPU and within 20% of 4 on an H200 (benchmarks/RESULTS.md).
-_RADIX_BITS = 1
-# Largest group size (entries) for which the count fits our int32 arithmetic.
-MAX_GROUP_SIZE = 2**31 - 1
+RADIX_BITS = 1
+# Up to this many entries in a group, "auto" uses the sort reference: sorting a
+# few thousand keys costs about one of the radix search's 31 counting passes.
+AUTO_SORT_MAX_SIZE = 2048
+
+
+def choose_method(threshold: str, size: int, whole: bool = True) -> str:
+  """The method that ``threshold`` means for a group of ``size`` entries.
+
+  ``"auto"`` sorts groups of at most ``AUTO_SORT_MAX_SIZE`` entries whose
+  leaves are all known to be whole on each device (``whole``, see
+  ``_placement.known_whole``): a sort gathers split leaves. Otherwise, and
+  for large groups, the radix search: bounded memory and no gathers.
+  """
+  if threshold == "auto":
+    return "sort" if whole and size <= AUTO_SORT_MAX_SIZE else "bisect"
+  return threshold
 
 
 def needs_wide_keys(leaves: Sequence[jax.Array]) -> bool:
@@ -97,61 +115,6 @@ def _widen_key(key: jax.Array) -> jax.Array:
 
 def _key_bits(wide: bool) -> int:
   return 63 if wide else 31  # Sign bit cleared: the top bit is always 0.
-
-
-def prune_count(sparsity: jax.Array, n: int) -> jax.Array:
-  """``round(sparsity * n)`` exactly, half to even, as uint32.
-
-  ``sparsity`` is a float32 scalar in [0, 1] (it may be traced); ``n`` is a
-  static size below 2**31. The float is split into its integer mantissa ``m``
-  and a power of two, ``s = m / 2**shift``, and ``m * n`` (up to 55 bits) is
-  formed in 12-bit limbs so that every partial product fits in int32.
-
-  Args:
-    sparsity: float32 scalar in [0, 1].
-    n: number of entries, 0 <= n < 2**31.
-
-  Returns:
-    uint32 scalar.
-  """
-  if not 0 <= n <= MAX_GROUP_SIZE:
-    raise ValueError(f"group size must be in [0, 2**31 - 1]; got {n}.")
-  bits = lax.bitcast_convert_type(jnp.asarray(sparsity, jnp.float32), jnp.uint32)
-  exponent = ((bits >> 23) & 0xFF).astype(jnp.int32)
-  fraction = bits & jnp.uint32(0x7FFFFF)
-  mantissa = jnp.where(exponent > 0, fraction | jnp.uint32(0x800000), fraction)
-  shift = jnp.where(exponent > 0, 150 - exponent, 149)  # s = m * 2**-shift.
-
-  m_limbs = [mantissa & 0xFFF, mantissa >> 12]
-  n_limbs = [(n >> (12 * j)) & 0xFFF for j in range(3)]
-  # Column sums of the limb products (< 2**25 each), then carry into 12 bits.
-  limbs, carry = [], jnp.uint32(0)
-  for t in range(5):
-    column = carry
-    for i, m_limb in enumerate(m_limbs):
-      j = t - i
-      if 0 <= j < len(n_limbs) and n_limbs[j]:
-        column = column + m_limb * jnp.uint32(n_limbs[j])
-    limbs.append(column & 0xFFF)
-    carry = column >> 12
-
-  # twice = floor(2 * s * n) = (m * n) >> (shift - 1); sticky: bits shifted out.
-  down = shift - 1
-  twice, sticky = jnp.uint32(0), jnp.bool_(False)
-  for t, limb in enumerate(limbs):
-    offset = 12 * t - down  # Where this limb's lowest bit lands.
-    left = jnp.clip(offset, 0, 31).astype(jnp.uint32)
-    right = jnp.clip(-offset, 0, 31).astype(jnp.uint32)
-    gone = -offset >= 12  # The whole limb is shifted out.
-    twice = twice + jnp.where(
-        gone, 0, jnp.where(offset >= 0, limb << left, limb >> right)
-    )
-    lost = jnp.where(gone, limb, limb & ((jnp.uint32(1) << right) - 1))
-    sticky = sticky | ((offset < 0) & (lost != 0))
-  base = twice >> 1
-  half = (twice & 1) == 1
-  # Above one half: round up; exactly one half: round to even.
-  return jnp.where(half & (sticky | ((base & 1) == 1)), base + 1, base)
 
 
 def _flat_index(shape: Sequence[int]) -> jax.Array:
@@ -214,7 +177,9 @@ def _ties_to_prune(equal_counts, remaining):
 
 
 def masks_by_bisection(
-    groups: Sequence[Sequence[jax.Array]], counts: Sequence[jax.Array]
+    groups: Sequence[Sequence[jax.Array]],
+    counts: Sequence[jax.Array],
+    radix_bits: int = RADIX_BITS,
 ) -> list[list[jax.Array]]:
   """Keep-masks (True = kept) for independent groups; see the module docstring.
 
@@ -233,20 +198,20 @@ def masks_by_bisection(
         for i, group in enumerate(groups)
     ])
 
-  thresholds = _radix_select(count_below, k, _key_bits(wide), _RADIX_BITS)
+  thresholds = _radix_select(count_below, k, _key_bits(wide), radix_bits)
   out = []
   for group, threshold, k_group in zip(groups, thresholds, k):
     less = [_count(magnitude_keys(x, wide) < threshold) for x in group]
     equal = [_count(magnitude_keys(x, wide) == threshold) for x in group]
     remaining = k_group - sum(less)  # Ties at `threshold` still to prune.
     out.append([
-        _keep_mask_from_index(x, threshold, ties, n_equal)
+        _keep_mask_from_index(x, threshold, ties, n_equal, radix_bits)
         for x, ties, n_equal in zip(group, _ties_to_prune(equal, remaining), equal)
     ])
   return out
 
 
-def _keep_mask_from_index(x, threshold, ties, n_equal):
+def _keep_mask_from_index(x, threshold, ties, n_equal, radix_bits):
   """Prunes keys below ``threshold`` and the first ``ties`` keys equal to it."""
   if x.size == 0:
     return jnp.ones(x.shape, jnp.bool_)
@@ -268,7 +233,7 @@ def _keep_mask_from_index(x, threshold, ties, n_equal):
       )[None]
 
     bits = max(1, math.ceil(math.log2(x.size)))
-    last = _radix_select(count_below, ties[None], bits, _RADIX_BITS)[0]
+    last = _radix_select(count_below, ties[None], bits, radix_bits)[0]
     return last.astype(jnp.int32) + 1
 
   needs_search = (ties > 0) & (ties < n_equal)
@@ -278,12 +243,6 @@ def _keep_mask_from_index(x, threshold, ties, n_equal):
       (keys == threshold) & (_flat_index(x.shape) < cutoff)
   )
   return ~pruned
-
-
-def explicit_sharding(x: jax.Array):
-  """The sharding of ``x`` if Explicit mesh axes split it, else None."""
-  sharding = jax.typeof(x).sharding
-  return sharding if any(s is not None for s in sharding.spec) else None
 
 
 def masks_by_sort(
@@ -301,11 +260,8 @@ def masks_by_sort(
   """
   n = sum(x.size for x in leaves)
   wide = needs_wide_keys(leaves)
-  shardings = [explicit_sharding(x) for x in leaves]
-  keys = [
-      magnitude_keys(jax.sharding.reshard(x, P()) if s else x, wide).reshape(-1)
-      for x, s in zip(leaves, shardings)
-  ]
+  whole, shardings = zip(*map(_placement.gathered, leaves)) if leaves else ((), ())
+  keys = [magnitude_keys(x, wide).reshape(-1) for x in whole]
   if n == 0:
     return [jnp.ones(x.shape, jnp.bool_) for x in leaves]
   ordered = jnp.sort(jnp.concatenate(keys) if len(keys) > 1 else keys[0])
@@ -321,62 +277,40 @@ def masks_by_sort(
     is_tie = key == threshold
     tie_rank = jnp.cumsum(is_tie, dtype=jnp.uint32)  # 1-based among ties.
     pruned = (key < threshold) | (is_tie & (tie_rank <= ties))
-    mask = (~pruned).reshape(x.shape)
-    masks.append(jax.sharding.reshard(mask, s) if s else mask)
+    masks.append(_placement.put_back((~pruned).reshape(x.shape), s))
   return masks
-
-
-def clip_sparsity(sparsity: jax.Array) -> jax.Array:
-  """float32 sparsity clipped to [0, 1]; NaN counts as 0."""
-  sparsity = jnp.asarray(sparsity, jnp.float32)
-  return jnp.where(jnp.isnan(sparsity), 0.0, jnp.clip(sparsity, 0.0, 1.0))
 
 
 def keep_masks_for_counts(
     groups: Sequence[Sequence[jax.Array]],
     counts: Sequence[jax.Array],
     method: str,
+    *,
+    radix_bits: int = RADIX_BITS,
 ) -> list[list[jax.Array]]:
   """Keep-masks for independent groups, group ``g`` losing ``counts[g]`` entries.
 
   Args:
     groups: groups of floating arrays; each group is ranked together.
     counts: per group, a uint32 scalar in [0, group size].
-    method: one of ``METHODS``.
+    method: one of ``METHODS`` (resolve ``"auto"`` with :func:`choose_method`).
+    radix_bits: bits decided per round of the radix search (``"bisect"``).
 
   Returns:
     Per group, one bool array per leaf, True where the entry is kept.
   """
   counts = [jnp.asarray(k, jnp.uint32) for k in counts]
   if method == "bisect":
-    return masks_by_bisection(groups, counts) if groups else []
+    return masks_by_bisection(groups, counts, radix_bits) if groups else []
   if method == "sort":
     return [masks_by_sort(group, k) for group, k in zip(groups, counts)]
   raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
 
 
-def keep_masks_of_groups(
-    groups: Sequence[Sequence[jax.Array]], sparsity: jax.Array, method: str
-) -> list[list[jax.Array]]:
-  """Keep-masks for independent groups of leaves, each pruned to ``sparsity``.
-
-  Args:
-    groups: groups of floating arrays; each group is ranked together.
-    sparsity: float32 scalar; clipped to [0, 1], NaN counts as 0.
-    method: one of ``METHODS``.
-
-  Returns:
-    Per group, one bool array per leaf, True where the entry is kept.
-  """
-  sparsity = clip_sparsity(sparsity)
-  counts = [prune_count(sparsity, sum(x.size for x in g)) for g in groups]
-  return keep_masks_for_counts(groups, counts, method)
-
-
 def keep_masks(
-    leaves: Sequence[jax.Array], sparsity: jax.Array, method: str = "bisect"
+    leaves: Sequence[jax.Array], sparsity: jax.Array, *, threshold: str = "auto"
 ) -> list[jax.Array]:
-  """Keep-masks for ``leaves`` pruned together to ``sparsity`` by ``method``.
+  """Keep-masks for ``leaves`` pruned together to ``sparsity``.
 
   Exactly ``round(sparsity * n)`` of the ``n`` entries are pruned: smallest
   magnitude first, zeros before everything, NaN and inf last, ties by position
@@ -385,7 +319,8 @@ def keep_masks(
   Args:
     leaves: floating arrays ranked together (one leaf: layer scope).
     sparsity: float32 scalar; clipped to [0, 1], NaN counts as 0.
-    method: ``"bisect"`` (fast) or ``"sort"`` (reference); same masks.
+    threshold: ``"sort"`` (reference), ``"bisect"`` (radix search) or
+      ``"auto"``, as in ``magnitude_pruning``; all give the same masks.
 
   Returns:
     One bool array per leaf, True where the entry is kept.
@@ -395,4 +330,8 @@ def keep_masks(
     >>> optax_prune.keep_masks([jnp.array([0.5, -3.0, 0.0, 2.0])], 0.5)
     [Array([False,  True, False,  True], dtype=bool)]
   """
-  return keep_masks_of_groups([leaves], sparsity, method)[0]
+  _checks.one_of("threshold", threshold, THRESHOLDS)
+  size = sum(x.size for x in leaves)
+  method = choose_method(threshold, size, all(map(_placement.known_whole, leaves)))
+  count = _distributions.prune_count(_distributions.clip_sparsity(sparsity), size)
+  return keep_masks_for_counts([leaves], [count], method)[0]

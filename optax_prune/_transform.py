@@ -1,32 +1,28 @@
 """The pruning transformation: masks in the optimizer state, exact zeros after
-``optax.apply_updates``."""
+``optax.apply_updates``.
+
+A mask update is one straight path, a stage per module: arguments are checked
+into a config (``_config``), planned against the params (``_plan``), and on a
+schedule's update steps a rule (``_rules``) recomputes the masks; on every
+step :func:`apply_masks` shapes the updates. This module only wires them.
+"""
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
+from optax_prune import _config
 from optax_prune import _distributions
-from optax_prune import _granularity
 from optax_prune import _paths
-from optax_prune import _schedules
+from optax_prune import _placement
+from optax_prune import _plan
+from optax_prune import _rules
 from optax_prune import _scores
-from optax_prune import _thresholds
-
-SCOPES = ("layer", "global")
-THRESHOLDS = ("auto",) + _thresholds.METHODS
-# Up to this many entries in a group, "auto" uses the sort reference: sorting a
-# few thousand keys costs about one of the radix search's 31 counting passes.
-# Only for groups whose leaves are known to be whole on each device
-# (`_known_whole`): a sort gathers split leaves.
-AUTO_SORT_MAX_SIZE = 2048
 
 _NO_PARAMS_MSG = (
     "`magnitude_pruning` ranks the current parameters, so its `update` needs"
@@ -35,99 +31,32 @@ _NO_PARAMS_MSG = (
 )
 
 
-def resolve_threshold(threshold: str, size: int, whole: bool = True) -> str:
-  """The method that ``threshold`` means for a group of ``size`` entries.
-
-  ``whole``: whether every leaf of the group is known not to be split over
-  devices; "auto" never sorts a group that may be split (a sort gathers it).
-  """
-  if threshold == "auto":
-    return "sort" if whole and size <= AUTO_SORT_MAX_SIZE else "bisect"
-  return threshold
-
-
-def _known_whole(leaf) -> bool:
-  """Whether ``leaf`` is known not to be split over devices.
-
-  Concrete arrays and Explicit mesh axes (in the type) tell; inside ``jit``
-  under Auto mesh axes XLA places a leaf only later, so that is unknown.
-  """
-  if jax.device_count() == 1 or not isinstance(leaf, jax.Array):
-    return True  # One device, or a host value (NumPy, Python number).
-  if not isinstance(leaf, jax.core.Tracer):
-    return leaf.sharding.is_fully_replicated
-  sharding = jax.typeof(leaf).sharding
-  mesh = sharding.mesh
-  explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-  return not mesh.empty and explicit and all(s is None for s in sharding.spec)
-
-
 class MagnitudePruningState(NamedTuple):
-  """State of :func:`magnitude_pruning`."""
+  """State of :func:`magnitude_pruning`.
+
+  ``masks`` has the params' structure, so ``optax.tree_utils.tree_map_params``
+  maps it with the params (pass ``is_leaf=lambda x: isinstance(x,
+  optax.MaskedNode)`` when ``rest`` trees are given, as for ``optax.masked``);
+  ``count``, ``target_sparsity`` and ``pruned_units`` are not params-shaped and are left to
+  ``transform_non_params``. Masks are read as ``mask != 0``, so a float cast
+  of the state (to bf16, say) changes no decision.
+  """
 
   count: jax.Array  # int32 scalar: optimizer steps taken so far.
   masks: Any  # Like params: bool arrays (True = kept) for pruned leaves,
   #              `optax.MaskedNode()` for leaves that are never pruned.
-  target_sparsity: Any  # Like `masks`: float32 scalars, the sparsity asked of
-  #                       each pruned leaf at its last mask update (of its
-  #                       units; with "erk", the leaf's own share).
-
-
-class _Plan(NamedTuple):
-  """The static, per-leaf decisions taken from the params' structure."""
-
-  treedef: Any
-  pruned: tuple[bool, ...]  # Per flat leaf.
-  granularities: tuple[Any, ...]  # Per flat leaf (None where unpruned).
-  groups: tuple[tuple[int, ...], ...]  # Leaf indices ranked together.
-  group_schedules: tuple[Callable, ...]  # One schedule per group.
-  group_methods: tuple[str, ...]  # Threshold method per group.
-
-
-def _is_schedule_leaf(x) -> bool:
-  return x is None or callable(x) or _schedules.is_sparsity_number(x)
-
-
-def _spec_values(spec, is_leaf) -> list:
-  """The values a per-leaf setting can take: a prefix tree's leaves, or rules'."""
-  if isinstance(spec, _paths.PathRules):
-    return spec.values()
-  return jax.tree.leaves(spec, is_leaf=is_leaf)
-
-
-def _per_leaf(spec, tree, path_leaves, is_leaf, name):
-  """One value of ``spec`` per leaf of ``tree``: by path rules or by prefix."""
-  if isinstance(spec, _paths.PathRules):
-    return [spec.resolve(jax.tree_util.keystr(path)) for path, _ in path_leaves]
-  return _broadcast_prefix(spec, tree, is_leaf, name)
-
-
-def _broadcast_prefix(prefix, tree, is_leaf, name):
-  """Values of the prefix tree ``prefix`` repeated over the leaves of ``tree``."""
-  values, prefix_def = jax.tree.flatten(prefix, is_leaf=is_leaf)
-  try:
-    subtrees = prefix_def.flatten_up_to(tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"`{name}` must be a single value or a pytree whose structure is a"
-        f" prefix of the params' structure; they do not match: {e}"
-    ) from e
-  return [v for v, sub in zip(values, subtrees) for _ in jax.tree.leaves(sub)]
-
-
-def _is_granularity_leaf(x) -> bool:
-  return x is None or isinstance(x, _granularity.Granularity)
-
-
-def _default_where(path, leaf) -> bool:
-  del path
-  return jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and jnp.ndim(leaf) >= 2
+  target_sparsity: jax.Array  # float32 (pruned leaves,): the sparsity asked
+  #                             of each pruned leaf, in the order of
+  #                             `jax.tree.leaves(masks)`, at its last mask
+  #                             update (of its units; with "erk", its share).
+  pruned_units: jax.Array  # int32 (pruned leaves,), same order: the units
+  #                          each pruned leaf has lost (exact counts).
 
 
 def magnitude_pruning(
-    schedule: Union[_schedules.PruningSchedule, float, Any],
+    schedule: Any,
     *,
-    where: Union[None, Callable[[Any, Any], bool], Any] = None,
+    where: Any = None,
     scope: str = "layer",
     threshold: str = "auto",
     granularity: Any = None,
@@ -213,258 +142,129 @@ def magnitude_pruning(
     static pruning hooks; Evci et al., `Rigging the Lottery
     <https://arxiv.org/abs/1911.11134>`_, 2020 (ERK).
   """
-  if scope not in SCOPES:
-    raise ValueError(f"`scope` must be one of {SCOPES}; got {scope!r}.")
-  if threshold not in THRESHOLDS:
-    raise ValueError(
-        f"`threshold` must be one of {THRESHOLDS}; got {threshold!r}."
-    )
-  if distribution not in _distributions.DISTRIBUTIONS:
-    raise ValueError(
-        f"`distribution` must be one of {_distributions.DISTRIBUTIONS}; got"
-        f" {distribution!r}."
-    )
-  if distribution != "uniform" and scope != "layer":
-    raise ValueError(
-        f"`distribution={distribution!r}` shares a target among leaves ranked"
-        " on their own: it needs `scope='layer'` (global scope already ranks"
-        " the leaves together)."
-    )
-  score_fn = _scores.resolve(score)
-  if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
-    raise ValueError(f"`seed` must be an integer; got {seed!r}.")
-  seed = int(seed)
-  bad = [g for g in _spec_values(granularity, _is_granularity_leaf)
-         if not _is_granularity_leaf(g)]
-  if bad:
-    raise ValueError(
-        "`granularity` must be None, a granularity (`optax_prune.unstructured()`,"
-        " `n_of_m(...)`, `blocks(...)`, `channels(...)`), a pytree of those or"
-        f" `by_path` rules; it holds {bad[0]!r}."
-    )
-  schedule_values = _spec_values(schedule, _is_schedule_leaf)
-  # Check every schedule now, so a bad one never fails inside jit.
-  checked = {}
-  for i, value in enumerate(schedule_values):
-    if value is not None and id(value) not in checked:
-      name = "schedule" if len(schedule_values) == 1 else f"schedule[{i}]"
-      checked[id(value)] = _schedules.check_schedule(name, value)
-  if not callable(where) and where is not None:
-    bad = [
-        w for w in jax.tree.leaves(where) if not isinstance(w, (bool, jnp.bool_))
-    ]
-    if bad:
-      raise ValueError(
-          "`where` must be None, a predicate `(path, leaf) -> bool`, or a"
-          f" pytree of Python bools; it holds {bad[0]!r}."
-      )
+  config = _config.make_config(
+      schedule, where=where, scope=scope, threshold=threshold,
+      granularity=granularity, distribution=distribution, score=score, seed=seed)
+  return masking(config, _rules.prune_smallest)
 
-  def make_plan(params) -> _Plan:
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    leaves = [leaf for _, leaf in path_leaves]
-    if where is None or callable(where):
-      predicate = where or _default_where
-      chosen = [bool(predicate(path, leaf)) for path, leaf in path_leaves]
-    else:
-      chosen = [bool(w) for w in _broadcast_prefix(where, params, None, "where")]
-    schedules = _per_leaf(
-        schedule, params, path_leaves, _is_schedule_leaf, "schedule")
-    granularities = _per_leaf(
-        granularity, params, path_leaves, _is_granularity_leaf, "granularity")
-    pruned = tuple(c and s is not None for c, s in zip(chosen, schedules))
-    # An empty leaf has no units under any granularity: it must not take a
-    # share of a global or ERK budget (a (0, 4) leaf has 4 empty channels).
-    granularities = [
-        (g if g and jnp.size(leaf) else _granularity.Unstructured()) if p else None
-        for g, p, (_, leaf) in zip(granularities, pruned, path_leaves)
-    ]
-    units = []
-    for (path, leaf), is_pruned, g in zip(path_leaves, pruned, granularities):
-      dtype = jnp.result_type(leaf)
-      name = jax.tree_util.keystr(path)
-      if is_pruned and not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            f"`where` selects leaf {name} of dtype {dtype}, but only floating"
-            " leaves can be pruned; exclude it from `where`."
-        )
-      if is_pruned:
-        g.check(name, jnp.shape(leaf))
-        _scores.check(score_fn, name, leaf)
-      units.append(
-          _granularity.unit_count(g, jnp.shape(leaf)) if is_pruned else 0)
-    groups: dict = {}
-    for i, is_pruned in enumerate(pruned):
-      if is_pruned:
-        key = (id(schedules[i]), granularities[i]) if scope == "global" else i
-        groups.setdefault(key, []).append(i)
-    group_list = tuple(tuple(g) for g in groups.values())
-    if distribution == "erk":
-      totals: dict = {}
-      for i in (g[0] for g in group_list):
-        totals[id(schedules[i])] = totals.get(id(schedules[i]), 0) + units[i]
-      if max(totals.values(), default=0) > _thresholds.MAX_GROUP_SIZE:
-        raise ValueError(
-            "`distribution='erk'` shares one count among the leaves of a"
-            f" schedule; they hold {max(totals.values())} units, and at most"
-            " 2**31 - 1 are supported. Give some leaves their own schedule."
-        )
-    methods = []
-    for group in group_list:
-      size = sum(units[i] for i in group)
-      if size > _thresholds.MAX_GROUP_SIZE:
-        raise ValueError(
-            f"a pruning group holds {size} entries; at most 2**31 - 1 are"
-            " supported. Use `scope='layer'` or split the leaves."
-        )
-      whole = all(_known_whole(leaves[i]) for i in group)
-      methods.append(resolve_threshold(threshold, size, whole))
-    return _Plan(
-        treedef=treedef,
-        pruned=pruned,
-        granularities=tuple(granularities),
-        groups=group_list,
-        group_schedules=tuple(checked[id(schedules[g[0]])] for g in group_list),
-        group_methods=tuple(methods),
-    )
+
+def masking(
+    config: _config.PruningConfig, rule: _rules.MaskRule
+) -> optax.GradientTransformation:
+  """The chained transformation for ``config``, its masks recomputed by ``rule``.
+
+  ``magnitude_pruning`` is ``masking(config, _rules.prune_smallest)``; another
+  rule gives another method with the same state, plan and guarantees.
+  """
 
   def init_fn(params):
-    plan = make_plan(params)
-    leaves = plan.treedef.flatten_up_to(params)
-    # `ones_like` places each mask like its param, sharded ones included.
-    masks = [
-        jnp.ones_like(x, dtype=jnp.bool_) if p else optax.MaskedNode()
-        for x, p in zip(leaves, plan.pruned)
-    ]
-    targets = [
-        jnp.zeros((), jnp.float32) if p else optax.MaskedNode()
-        for p in plan.pruned
-    ]
+    plan = _plan.make_plan(config, params)
+    masks = [_placement.ones_like(x) if p else optax.MaskedNode()
+             for x, p in zip(plan.treedef.flatten_up_to(params), plan.pruned)]
     return MagnitudePruningState(
         count=jnp.zeros((), jnp.int32),
         masks=plan.treedef.unflatten(masks),
-        target_sparsity=plan.treedef.unflatten(targets),
+        target_sparsity=jnp.zeros(len(plan.pruned_indices), jnp.float32),
+        pruned_units=jnp.zeros(len(plan.pruned_indices), jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
-    plan = make_plan(params)
-    masks = _flatten_like(state.masks, plan, "state.masks")
-    targets = _flatten_like(state.target_sparsity, plan, "state.target_sparsity")
-    param_leaves = plan.treedef.flatten_up_to(params)
-    try:
-      update_leaves = plan.treedef.flatten_up_to(updates)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          f"`updates` must have the structure of `params`: {e}"
-      ) from e
-
-    # One `lax.cond` per schedule: its groups are recomputed together.
-    by_schedule: dict = {}
-    for group, schedule, method in zip(
-        plan.groups, plan.group_schedules, plan.group_methods
-    ):
-      by_schedule.setdefault(id(schedule), (schedule, []))[1].append(
-          (group, method)
-      )
-    for schedule, jobs in by_schedule.values():
-      target = schedule(state.count)
-      sparsity = _thresholds.clip_sparsity(target.sparsity)
-      indices = [i for group, _ in jobs for i in group]
-
-      def recompute(jobs=jobs, sparsity=sparsity, indices=indices):
-        found, shares = _recompute_masks(
-            plan, jobs, sparsity, param_leaves, update_leaves, masks,
-            state.count)
-        return [found[i] for i in indices], [shares[i] for i in indices]
-
-      old = ([masks[i] for i in indices], [targets[i] for i in indices])
-      new_masks, new_targets = lax.cond(
-          target.update, recompute, lambda old=old: old
-      )
-      for i, m, t in zip(indices, new_masks, new_targets):
-        masks[i], targets[i] = m, t
-
-    new_updates = [
-        jnp.where(m, u, -p.astype(jnp.result_type(u))) if pruned else u
-        for u, p, m, pruned in zip(update_leaves, param_leaves, masks, plan.pruned)
-    ]
-    new_state = MagnitudePruningState(
+    plan = _plan.make_plan(config, params)
+    inputs = _rules.MaskInputs(
+        params=plan.treedef.flatten_up_to(params),
+        updates=_flatten(plan, updates, "updates"),
+        masks=_state_masks(plan, state),
+        pruned_units=_per_leaf(plan, state.pruned_units),
+        key=_scores.step_key(config.seed, state.count),
+    )
+    masks, targets, pruned = update_masks(plan, rule, inputs, state)
+    return apply_masks(plan, inputs, masks), MagnitudePruningState(
         count=optax.safe_int32_increment(state.count),
         masks=plan.treedef.unflatten(masks),
-        target_sparsity=plan.treedef.unflatten(targets),
+        target_sparsity=targets,
+        pruned_units=pruned,
     )
-    return plan.treedef.unflatten(new_updates), new_state
-
-  def _recompute_masks(
-      plan, jobs, sparsity, param_leaves, update_leaves, old_masks, count):
-    """New keep-masks and targets, by leaf index, for one schedule's groups."""
-    key = jax.random.fold_in(jax.random.key(seed), count)
-    scores, unit_scores, sharding = {}, {}, {}
-    for group, _ in jobs:
-      for i in group:
-        score = score_fn(
-            param_leaves[i], update_leaves[i], jax.random.fold_in(key, i))
-        if score_fn is not _scores.magnitude:
-          # Pruned entries score 0, so that masks stay nested as the sparsity
-          # rises whatever the score (a new random draw would bring pruned
-          # weights back). Pruned weights are 0 already: magnitude needs no pass.
-          score = jnp.where(old_masks[i], score, jnp.zeros((), score.dtype))
-        # Under Explicit mesh axes the reshapes of structured units need the
-        # leaf whole: gather its scores (as the sort reference does) and put
-        # the mask back where the leaf lives. Auto axes leave this to XLA.
-        sharding[i] = (
-            None if isinstance(plan.granularities[i], _granularity.Unstructured)
-            else _thresholds.explicit_sharding(param_leaves[i]))
-        if sharding[i]:
-          score = jax.sharding.reshard(score, P())
-        scores[i] = score
-        unit_scores[i] = plan.granularities[i].unit_scores(scores[i])
-    sizes = [sum(unit_scores[i].size for i in group) for group, _ in jobs]
-    if distribution == "erk":  # Layer scope: one leaf per group.
-      ratios = [_distributions.erk_ratio(param_leaves[g[0]].shape) for g, _ in jobs]
-      counts = _distributions.erk_prune_counts(sizes, ratios, sparsity)
-      shares = [
-          c.astype(jnp.float32) / max(n, 1) for c, n in zip(counts, sizes)
-      ]
-    else:
-      counts = _distributions.uniform_prune_counts(sizes, sparsity)
-      shares = [sparsity] * len(jobs)
-    masks, targets = {}, {}
-    # Groups that share a method share one kernel call (one search loop).
-    for method in sorted({m for _, m in jobs}):
-      chosen = [j for j, (_, m) in enumerate(jobs) if m == method]
-      found = _thresholds.keep_masks_for_counts(
-          [[unit_scores[i] for i in jobs[j][0]] for j in chosen],
-          [counts[j] for j in chosen], method)
-      for j, unit_keeps in zip(chosen, found):
-        for i, unit_keep in zip(jobs[j][0], unit_keeps):
-          mask = plan.granularities[i].expand(unit_keep, scores[i])
-          masks[i] = jax.sharding.reshard(mask, sharding[i]) if sharding[i] else mask
-          targets[i] = shares[j]
-    return masks, targets
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _flatten_like(tree, plan: _Plan, name: str) -> list:
-  """Flattens a state field built by ``init`` for params of ``plan``."""
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+def update_masks(
+    plan: _plan.Plan, rule: _rules.MaskRule, inputs: _rules.MaskInputs,
+    state: MagnitudePruningState,
+) -> tuple[list, jax.Array, jax.Array]:
+  """Masks (flat, like params), targets and pruned units after this step.
+
+  One ``lax.cond`` per schedule, on its ``update`` flag: the rule runs only
+  on update steps, with the schedule's sparsity; otherwise all is kept.
+  """
+  masks = list(inputs.masks)
+  targets = _per_leaf(plan, state.target_sparsity)
+  pruned = list(inputs.pruned_units)
+  for schedule in plan.schedules:
+    target = schedule.schedule(state.count)
+    sparsity = _distributions.clip_sparsity(target.sparsity)
+    indices = [leaf.index for leaf in schedule.leaves]
+    old = _rules.MaskUpdate(*([field[i] for i in indices] for field in (masks, targets, pruned)))
+    new = lax.cond(target.update, lambda s=schedule, x=sparsity: rule(s, x, inputs),
+                   lambda old=old: old)
+    for field, values in zip((masks, targets, pruned), new):
+      for i, value in zip(indices, values):
+        field[i] = value
+  stack = lambda values, dtype: jnp.asarray(
+      [values[i] for i in plan.pruned_indices], dtype).reshape(-1)
+  return masks, stack(targets, jnp.float32), stack(pruned, jnp.int32)
+
+
+def _per_leaf(plan: _plan.Plan, vector: jax.Array) -> list:
+  """A vector over the pruned leaves as a list over all leaves (None elsewhere)."""
+  out = [None] * len(plan.pruned)
+  for j, i in enumerate(plan.pruned_indices):
+    out[i] = vector[j]
+  return out
+
+
+def apply_masks(plan: _plan.Plan, inputs: _rules.MaskInputs, masks: list) -> Any:
+  r"""The updates with :math:`u' = -p` at pruned entries, so that
+  ``apply_updates`` lands them on exactly 0; unchanged elsewhere."""
+  return plan.treedef.unflatten([
+      jnp.where(m, u, -p.astype(jnp.result_type(u))) if pruned else u
+      for u, p, m, pruned in zip(inputs.updates, inputs.params, masks, plan.pruned)
+  ])
+
+
+def _flatten(plan: _plan.Plan, tree: Any, name: str) -> list:
+  try:
+    return plan.treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"`{name}` must have the structure of `params`: {e}") from e
+
+
+def _state_masks(plan: _plan.Plan, state: MagnitudePruningState) -> list:
+  """The state's masks as bool leaves (MaskedNode where unpruned).
+
+  Raises a ``ValueError`` if the state was built for params of another
+  structure.
+  """
   try:
     # Up to the params' leaves: a MaskedNode stands where a leaf is unpruned
     # (and params from `optax.masked` may hold MaskedNodes of their own).
-    leaves = plan.treedef.flatten_up_to(tree)
+    leaves = plan.treedef.flatten_up_to(state.masks)
   except (ValueError, TypeError):
     leaves = None
-  if leaves is None or [is_masked(x) for x in leaves] != [
+  if leaves is None or [_paths.is_masked(x) for x in leaves] != [
       not p for p in plan.pruned
-  ]:
+  ] or any(jnp.shape(v) != (len(plan.pruned_indices),)
+           for v in (state.target_sparsity, state.pruned_units)):
     raise ValueError(
-        f"`params` do not match the pruning state: {name} was built by `init`"
+        "`params` do not match the pruning state: it was built by `init`"
         " for params of another structure. Call `tx.init(params)` with the"
         " params you update."
     )
-  return leaves
+  # `!= 0` undoes a float cast of the whole state (`tree_map_params`).
+  return [m if _paths.is_masked(m) or m.dtype == jnp.bool_ else m != 0
+          for m in leaves]
 
 
 def find_pruning_state(opt_state) -> MagnitudePruningState:

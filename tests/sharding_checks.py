@@ -212,13 +212,20 @@ def sharding_problems(tree, shardings: dict, mesh, *, init: bool = False) -> lis
 
 
 def replicate_scalars(tree, mesh):
-  """Puts the 0-d leaves of an eager ``init`` (optax's counts, ours) on the mesh.
+  """Puts the 0-d leaves of an eager ``init`` (optax's counts, ours) and our
+  per-leaf vectors on the mesh, replicated.
 
   Otherwise the first step's replicated outputs differ from its inputs and the
   step compiles twice, whatever the masks do.
   """
   replicated = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.device_put(x, replicated) if x.ndim == 0 else x, tree)
+  put = lambda x: jax.device_put(x, replicated)
+  tree = jax.tree.map(lambda x: put(x) if x.ndim == 0 else x, tree)
+  is_pruning = lambda x: isinstance(x, optax_prune.MagnitudePruningState)
+  return jax.tree.map(
+      lambda x: x._replace(target_sparsity=put(x.target_sparsity),
+                           pruned_units=put(x.pruned_units)) if is_pruning(x) else x,
+      tree, is_leaf=is_pruning)
 
 
 class CompileCounter:

@@ -6,7 +6,6 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 

@@ -1,5 +1,7 @@
 """ERK and uniform distributions: exact totals, bounds, the ERK formula."""
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,61 @@ def test_an_erk_total_past_int32_is_refused_at_init():
   with pytest.raises(ValueError, match="`distribution='erk'`.*2\\*\\*31 - 1"):
     jax.eval_shape(optax_prune.magnitude_pruning(0.5, distribution="erk").init, params)
   jax.eval_shape(optax_prune.magnitude_pruning(0.5).init, params)  # Uniform: fine.
+
+
+@pytest.mark.parametrize(
+    "n", [0, 1, 2, 3, 7, 1000, 2**24 - 1, 2**24 + 3, 123_456_789, 2**31 - 1]
+)
+@pytest.mark.parametrize(
+    "sparsity", [0.0, 1e-9, 0.1234567, 0.3, 0.5, 0.75, 0.9, 0.99, 0.999999, 1.0]
+)
+def test_prune_count_is_exact_round_half_even(n, sparsity):
+  expected = round(Fraction(float(np.float32(sparsity))) * n)
+  assert int(_distributions.prune_count(np.float32(sparsity), n)) == expected
+
+
+@given(
+    n=st.integers(0, 2**31 - 1),
+    sparsity=st.floats(0.0, 1.0, width=32, allow_subnormal=True),
+)
+def test_prune_count_property(n, sparsity):
+  assert int(_distributions.prune_count(np.float32(sparsity), n)) == (
+      reference.prune_count(sparsity, n)
+  )
+
+
+def test_prune_count_exact_halves():
+  # s * n == j + 1/2 exactly: Python's round sends these to the even neighbour.
+  for n in (1, 3, 5, 7, 9, 2**20 + 1):
+    assert int(_distributions.prune_count(np.float32(0.5), n)) == round(n / 2)
+
+
+@given(data=st.data())
+def test_nested_counts_keep_the_total_and_never_fall_below_what_is_pruned(data):
+  sizes = data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=6))
+  pruned = [data.draw(st.integers(0, n)) for n in sizes]
+  total = data.draw(st.integers(sum(pruned), sum(sizes)))
+  # Any split of `total` within the sizes, as ERK's rounding may give.
+  counts, left = [], total
+  for i, n in enumerate(sizes):
+    rest = sum(sizes[i + 1:])
+    c = data.draw(st.integers(max(0, left - rest), min(n, left)))
+    counts.append(c)
+    left -= c
+  got = [int(c) for c in _distributions.nested_counts(counts, pruned)]
+  assert sum(got) == total
+  assert all(p <= g <= n for p, g, n in zip(pruned, got, sizes))
+  assert got == counts or any(c < p for c, p in zip(counts, pruned))  # Moved only if needed.
+
+
+def test_erk_counts_stay_nested_when_rounding_would_shrink_a_leaf():
+  # Channels of three kernels: at 0.65625 ERK gives the first leaf 7 of 8
+  # units and at 0.75 only 6; nesting keeps 7 and takes the unit elsewhere.
+  sizes, shapes = [8, 16, 8], [(3, 3, 4, 8), (32, 16), (16, 8)]
+  first, _ = _distributions.prune_counts("erk", sizes, shapes, np.float32(0.65625))
+  raw, _ = _distributions.prune_counts("erk", sizes, shapes, np.float32(0.75))
+  later, _ = _distributions.prune_counts("erk", sizes, shapes, np.float32(0.75), pruned=first)
+  first, raw, later = ([int(c) for c in x] for x in (first, raw, later))
+  assert raw[0] < first[0]  # The defect nesting repairs.
+  assert all(b >= a for a, b in zip(first, later))
+  assert sum(later) == sum(raw) == reference.prune_count(0.75, sum(sizes))

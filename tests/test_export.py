@@ -1,6 +1,5 @@
 """Sparse exports (BCOO, N:M) and their size report, against NumPy references."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.experimental import sparse
 
+import optax_prune
 from optax_prune import _export
 
 
@@ -157,7 +157,7 @@ def test_to_nm_round_trips_bitwise(case):
   specials = np.array([0.0, -0.0, np.nan, np.inf], dtype)
   x = np.where(rng.random(shape) < 0.2, rng.choice(specials, shape), x).astype(dtype)
   mask = _nm_mask(rng, shape, n, m, axis)
-  w = _export.to_nm(jnp.asarray(x), jnp.asarray(mask), n=n, m=m, axis=axis)
+  w = _export.to_nm(jnp.asarray(x), jnp.asarray(mask), optax_prune.n_of_m(n, m, axis=axis))
   dense = w.todense()
   _assert_bitwise_equal(dense, np.where(mask, x, np.zeros((), dtype)))
   _assert_bitwise_equal(dense, jnp.where(mask, x, 0))
@@ -176,7 +176,7 @@ def test_to_nm_round_trips_bitwise(case):
     assert np.all(_bits(pad_values) == 0)
   # Without a mask, the nonzeros are kept.
   x_kept = np.where(mask, np.where(np.isnan(x) | (x != 0), x, 1), 0).astype(dtype)
-  _assert_bitwise_equal(_export.to_nm(x_kept, n=n, m=m, axis=axis).todense(), x_kept)
+  _assert_bitwise_equal(_export.to_nm(x_kept, None, optax_prune.n_of_m(n, m, axis=axis)).todense(), x_kept)
 
 
 @pytest.mark.parametrize("axis", [0, -1])
@@ -188,7 +188,7 @@ def test_two_four_on_a_matrix(axis):
   groups = np.abs(moved).reshape(moved.shape[0], -1, 4)
   ranks = np.argsort(np.argsort(-groups, axis=-1), axis=-1)
   mask = np.moveaxis((ranks < 2).reshape(moved.shape), -1, axis)
-  w = _export.to_nm(x, jnp.asarray(mask), n=2, m=4, axis=axis)
+  w = _export.to_nm(x, jnp.asarray(mask), optax_prune.n_of_m(2, 4, axis=axis))
   assert w.values.shape == ((4, 12) if axis == 0 else (8, 6))
   assert w.axis == (0 if axis == 0 else 1) and w.shape == (8, 12)
   _assert_bitwise_equal(w.todense(), np.where(mask, x, np.float32(0)))
@@ -200,20 +200,20 @@ def test_to_nm_errors_name_the_argument():
   mask = np.zeros((8, 12), bool)
   mask[3, 4:7] = True  # One group keeps 3 of 4.
   with pytest.raises(ValueError, match=r"`mask`.* 1 of 24 groups .*keeps 3"):
-    _export.to_nm(x, mask, n=2, m=4)
+    _export.to_nm(x, mask, optax_prune.n_of_m(2, 4, axis=-1))
   with pytest.raises(ValueError, match=r"`mask`.* 24 of 24 groups .*keeps 4"):
-    _export.to_nm(x, None, n=2, m=4)
+    _export.to_nm(x, None, optax_prune.n_of_m(2, 4, axis=-1))
   with pytest.raises(ValueError, match=r"`axis`.*length 12.*`m`=8"):
-    _export.to_nm(x, n=2, m=8, axis=1)
+    _export.to_nm(x, None, optax_prune.n_of_m(2, 8, axis=1))
   with pytest.raises(ValueError, match="`axis`"):
-    _export.to_nm(x, n=2, m=4, axis=2)
+    _export.to_nm(x, None, optax_prune.n_of_m(2, 4, axis=2))
   with pytest.raises(ValueError, match="`axis`"):
-    _export.to_nm(np.float32(1.0), n=2, m=4)
-  for n, m in [(0, 4), (4, 4), (5, 4), (1, 257), (True, 4), (2.0, 4)]:
-    with pytest.raises(ValueError, match="`n` and `m`"):
-      _export.to_nm(x, n=n, m=m)
+    _export.to_nm(np.float32(1.0), None, optax_prune.n_of_m(2, 4, axis=-1))
+  for bad in [(2, 4, -1), "2:4", None, optax_prune.blocks((2, 4))]:
+    with pytest.raises(ValueError, match="`nm` must be an N:M granularity"):
+      _export.to_nm(x, None, bad)
   with pytest.raises(ValueError, match="`mask`"):
-    _export.to_nm(x, np.ones((8, 12)), n=2, m=4)
+    _export.to_nm(x, np.ones((8, 12)), optax_prune.n_of_m(2, 4, axis=-1))
 
 
 # nm_matmul.
@@ -236,7 +236,7 @@ def test_nm_matmul_matches_masked_dense_under_jit(n, m):
   k, cols = 8, 12
   kernel = rng.normal(size=(k, cols)).astype(np.float32)
   mask = _nm_mask(rng, (k, cols), n, m, axis=0)
-  w = _export.to_nm(kernel, jnp.asarray(mask), n=n, m=m, axis=0)
+  w = _export.to_nm(kernel, jnp.asarray(mask), optax_prune.n_of_m(n, m, axis=0))
   traces = []
 
   @jax.jit
@@ -266,11 +266,11 @@ def test_nm_matmul_matches_masked_dense_under_jit(n, m):
 def test_nm_matmul_rejects_other_layouts():
   x = np.ones((8, 12), np.float32)
   with pytest.raises(ValueError, match="`w`"):
-    _export.nm_matmul(jnp.ones((3, 8)), _export.to_nm(x, np.zeros((8, 12), bool), axis=1))
+    _export.nm_matmul(jnp.ones((3, 8)), _export.to_nm(x, np.zeros((8, 12), bool), optax_prune.n_of_m(axis=1)))
   with pytest.raises(ValueError, match="`w`"):
-    _export.nm_matmul(jnp.ones((3, 2)), _export.to_nm(np.zeros((4, 8, 12)), axis=0))
+    _export.nm_matmul(jnp.ones((3, 2)), _export.to_nm(np.zeros((4, 8, 12)), None, optax_prune.n_of_m(axis=0)))
   with pytest.raises(ValueError, match="`inputs`"):
-    _export.nm_matmul(jnp.ones((3, 7)), _export.to_nm(np.zeros((8, 12)), axis=0))
+    _export.nm_matmul(jnp.ones((3, 7)), _export.to_nm(np.zeros((8, 12)), None, optax_prune.n_of_m(axis=0)))
 
 
 # export_size_report.
@@ -287,7 +287,7 @@ def test_size_report_counts_bytes_by_hand_and_as_exported():
             "empty": jnp.zeros((0, 4))}
   masks = {"w": jnp.asarray(w_mask), "conv": jnp.asarray(conv_mask),
            "b": optax.MaskedNode(), "empty": jnp.zeros((0, 4), bool)}
-  report = _export.export_size_report(params, masks, nm=(2, 4, -1))
+  report = _export.export_size_report(params, masks, nm=optax_prune.n_of_m(2, 4, axis=-1))
   rows = {r.path: r for r in report.rows}
   assert set(rows) == {"['w']", "['conv']", "['b']", "['empty']"}
   exported = _export.to_bcoo(params, masks)
@@ -300,7 +300,7 @@ def test_size_report_counts_bytes_by_hand_and_as_exported():
     assert row.kept == kept
     assert row.bcoo_bytes == kept * itemsize + kept * leaf.ndim * 4
     assert row.bcoo_bytes == exported[name].data.nbytes + exported[name].indices.nbytes
-  packed = _export.to_nm(w, w_mask, 2, 4, -1)
+  packed = _export.to_nm(w, w_mask, optax_prune.n_of_m(2, 4, axis=-1))
   assert rows["['w']"].nm_bytes == packed.values.nbytes + packed.indices.nbytes == 48 * 5
   assert rows["['empty']"].nm_bytes == 0
   assert rows["['conv']"].nm_bytes is None  # The pattern does not hold.
@@ -331,9 +331,9 @@ def test_size_report_without_nm_or_masks():
   text = str(report)
   assert "['w']" in text and "['b']" in text
   # 2:4 holds for w along axis 1 but not along axis 0 (length 2).
-  assert _export.export_size_report(params, nm=(2, 4, 1)).rows[1].nm_bytes == 4 * 5
-  assert _export.export_size_report(params, nm=(2, 4, 0)).rows[1].nm_bytes is None
-  assert _export.export_size_report(params, nm=(1, 4, 1)).rows[1].nm_bytes is None
-  for bad in [(2, 2, 0), (2, 4), "2:4"]:
-    with pytest.raises(ValueError, match="`nm`"):
+  assert _export.export_size_report(params, nm=optax_prune.n_of_m(2, 4, axis=1)).rows[1].nm_bytes == 4 * 5
+  assert _export.export_size_report(params, nm=optax_prune.n_of_m(2, 4, axis=0)).rows[1].nm_bytes is None
+  assert _export.export_size_report(params, nm=optax_prune.n_of_m(1, 4, axis=1)).rows[1].nm_bytes is None
+  for bad in [(2, 4, 0), (2, 4), "2:4", optax_prune.channels()]:
+    with pytest.raises(ValueError, match="`nm` must be an N:M granularity"):
       _export.export_size_report(params, nm=bad)

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import optax_prune
@@ -48,19 +47,27 @@ def test_random_is_exact_seeded_and_reproducible():
   jax.tree.map(np.testing.assert_array_equal, a, flipped)
 
 
-def test_random_masks_are_the_same_after_a_resume():
-  # The key comes from (seed, count): a state restored at count 3 draws what
-  # the uninterrupted run drew there.
+def test_random_keys_come_from_seed_step_and_leaf_so_a_resume_draws_the_same():
+  # The key of leaf i at step t is fold_in(fold_in(key(seed), t), i), and
+  # entries pruned before score 0: recomputed here from that rule alone.
   params = _params()
+  names = sorted(params)  # Leaf order: "v" (index 0), then "w" (index 1).
   schedule = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=6, frequency=3)
   tx = optax_prune.magnitude_pruning(schedule, score="random", seed=7)
   step = jax.jit(lambda s: tx.update(params, s, params)[1])
-  state = tx.init(params)
-  states = []
+  state, states = tx.init(params), []
   for _ in range(7):
     state = step(state)
     states.append(state)
-  resumed = jax.tree.map(lambda x: jnp.array(np.asarray(x)), states[2])  # Saved after step 2.
+  expected = {k: np.ones(params[k].shape, bool) for k in names}
+  for t in (0, 3, 6):
+    for i, k in enumerate(names):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), t), i)
+      scores = np.where(expected[k], np.asarray(jax.random.uniform(key, params[k].shape)), 0)
+      expected[k] = reference.keep_masks([scores], float(schedule(t).sparsity))[0]
+      np.testing.assert_array_equal(states[t].masks[k], expected[k])
+  # A state saved after step 2 and restored (host copies) continues the same.
+  resumed = jax.tree.map(lambda x: jnp.array(np.asarray(x)), states[2])
   for _ in range(4):
     resumed = step(resumed)
   jax.tree.map(np.testing.assert_array_equal, resumed.masks, states[-1].masks)

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fractions import Fraction
 from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -20,7 +19,7 @@ METHODS = _thresholds.METHODS
 
 # One jitted function per method, so equal shapes reuse one compilation.
 _JITTED = {
-    method: jax.jit(functools.partial(_thresholds.keep_masks, method=method))
+    method: jax.jit(functools.partial(_thresholds.keep_masks, threshold=method))
     for method in METHODS
 }
 
@@ -90,33 +89,6 @@ def test_zeros_are_pruned_first_and_non_finite_last(method):
   assert mask[0, 3] and mask.sum() == 1  # NaN survives longest.
 
 
-@pytest.mark.parametrize(
-    "n", [0, 1, 2, 3, 7, 1000, 2**24 - 1, 2**24 + 3, 123_456_789, 2**31 - 1]
-)
-@pytest.mark.parametrize(
-    "sparsity", [0.0, 1e-9, 0.1234567, 0.3, 0.5, 0.75, 0.9, 0.99, 0.999999, 1.0]
-)
-def test_prune_count_is_exact_round_half_even(n, sparsity):
-  expected = round(Fraction(float(np.float32(sparsity))) * n)
-  assert int(_thresholds.prune_count(np.float32(sparsity), n)) == expected
-
-
-@given(
-    n=st.integers(0, 2**31 - 1),
-    sparsity=st.floats(0.0, 1.0, width=32, allow_subnormal=True),
-)
-def test_prune_count_property(n, sparsity):
-  assert int(_thresholds.prune_count(np.float32(sparsity), n)) == (
-      reference.prune_count(sparsity, n)
-  )
-
-
-def test_prune_count_exact_halves():
-  # s * n == j + 1/2 exactly: Python's round sends these to the even neighbour.
-  for n in (1, 3, 5, 7, 9, 2**20 + 1):
-    assert int(_thresholds.prune_count(np.float32(0.5), n)) == round(n / 2)
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_out_of_range_sparsity_is_clipped_and_nan_prunes_nothing(method):
   x = np.arange(10, dtype=np.float32)
@@ -139,9 +111,11 @@ def test_methods_agree_on_large_gaussian_leaves():
         np.testing.assert_array_equal(_masks([x], s, method)[0], reference.keep_masks([x], s)[0])
 
 
-def test_unknown_method_is_rejected():
-  with pytest.raises(ValueError, match="method"):
-    _thresholds.keep_masks([jnp.ones(3)], 0.5, "quickselect")
+def test_unknown_threshold_is_rejected():
+  with pytest.raises(ValueError, match="`threshold` must be one of"):
+    _thresholds.keep_masks([jnp.ones(3)], 0.5, threshold="quickselect")
+  with pytest.raises(ValueError, match="unknown threshold method"):
+    _thresholds.keep_masks_for_counts([[jnp.ones(3)]], [1], "auto")
 
 
 # float64 (jax_enable_x64): values a float32 key could not tell apart.

@@ -1,5 +1,5 @@
-"""The pruning transformation: contract against the NumPy reference, exact
-zeros under real optimizers, per-leaf schedules, scopes and errors."""
+"""The pruning transformation: exact zeros in every dtype, per-leaf schedules,
+scopes, state checks and errors (the shared contract is tests/test_contract.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import optax_prune
+from tests import helpers
 from tests import reference
 
 
@@ -21,83 +22,7 @@ def _params(seed=0, dtype=jnp.float32):
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
-def _loss(params):
-  # Gradients that never vanish, so optimizers keep pushing every weight.
-  return sum(jnp.sum(jnp.sin(x.astype(jnp.float32)) + 0.1 * x.astype(jnp.float32))
-             for x in jax.tree.leaves(params))
-
-
-def _train(tx, params, steps):
-  """Runs `steps` jitted steps; yields (step, params_before, state_after, params_after)."""
-  traces = []
-
-  @jax.jit
-  def step(params, state):
-    traces.append(1)
-    grads = jax.grad(_loss)(params)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  for t in range(steps):
-    new_params, state = step(params, state)
-    yield t, params, state, new_params
-    params = new_params
-  assert len(traces) == 1, "the train step recompiled"
-
-
-CONFIGS = [
-    dict(scope="layer", threshold="sort"),
-    dict(scope="layer", threshold="bisect"),
-    dict(scope="layer", threshold="auto"),
-    dict(scope="global", threshold="sort"),
-    dict(scope="global", threshold="bisect"),
-]
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['scope']}-{c['threshold']}")
-@pytest.mark.parametrize("make_opt", [
-    lambda: optax.sgd(0.05, momentum=0.9),
-    lambda: optax.adam(0.05),
-    lambda: optax.adamw(0.05, weight_decay=0.1),
-], ids=["sgd-momentum", "adam", "adamw"])
-def test_contract_against_reference(config, make_opt):
-  schedule = optax_prune.polynomial_schedule(0.9, begin_step=0, end_step=60, frequency=15)
-  tx = optax.chain(make_opt(), optax_prune.magnitude_pruning(schedule, **config))
-  previous_masks, previous_sparsity = None, 0.0
-  for t, before, state, after in _train(tx, _params(), 120):
-    pstate = optax_prune.find_pruning_state(state)
-    target = schedule(t)
-    kernels = {k: before[k]["kernel"] for k in before}
-    masks = {k: np.asarray(pstate.masks[k]["kernel"]) for k in before}
-    assert all(isinstance(pstate.masks[k]["bias"], optax.MaskedNode) for k in before)
-    if bool(target.update):
-      names = sorted(kernels)
-      leaves = [np.asarray(kernels[k]) for k in names]
-      if config["scope"] == "global":
-        expected = dict(zip(names, reference.keep_masks(leaves, target.sparsity)))
-      else:
-        expected = {k: reference.keep_masks([x], target.sparsity)[0] for k, x in zip(names, leaves)}
-      for k in names:
-        np.testing.assert_array_equal(masks[k], expected[k], err_msg=f"step {t} {k}")
-      if config["scope"] == "layer":
-        for k, x in zip(names, leaves):
-          kept, pruned = np.abs(x)[masks[k]], np.abs(x)[~masks[k]]
-          assert (~masks[k]).sum() == reference.prune_count(target.sparsity, x.size)
-          if kept.size and pruned.size:
-            assert kept.min() >= pruned.max()  # No kept weight below a pruned one.
-    elif previous_masks is not None:
-      for k in masks:  # Masks change only on update steps.
-        np.testing.assert_array_equal(masks[k], previous_masks[k])
-    # Pruned weights are exactly zero after every step; kept ones moved.
-    for k in masks:
-      w = np.asarray(after[k]["kernel"])
-      assert np.all(w[~masks[k]] == 0.0), f"step {t}: a pruned weight was revived"
-    sparsity = sum((~m).sum() for m in masks.values()) / sum(m.size for m in masks.values())
-    assert sparsity >= previous_sparsity  # Never decreasing along the schedule.
-    previous_masks, previous_sparsity = masks, sparsity
-  assert previous_sparsity == pytest.approx(0.9, abs=2e-3)
+_train = helpers.train
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64])
@@ -124,7 +49,7 @@ def test_masks_apply_on_the_step_they_are_computed():
   tx = optax_prune.magnitude_pruning(0.5)
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   np.testing.assert_array_equal(optax.apply_updates(params, updates)["w"], [[0, 0, 0], [4, 5, 6]])
-  assert int(state.count) == 1 and float(state.target_sparsity["w"]) == 0.5
+  assert int(state.count) == 1 and state.target_sparsity.tolist() == [0.5]
 
 
 def test_per_leaf_schedules_as_in_the_original_example():
@@ -176,9 +101,15 @@ def test_sparsity_one_and_099():
     assert int((np.asarray(new["w"]) == 0).sum()) == round(s * 1000)
 
 
-def test_find_pruning_state_errors():
-  with pytest.raises(ValueError, match="exactly one"):
-    optax_prune.find_pruning_state(optax.adam(1e-3).init({"w": jnp.ones(2)}))
+def test_find_pruning_state_finds_one_and_refuses_none_or_two():
+  params = {"w": jnp.ones((2, 2))}
+  with pytest.raises(ValueError, match="exactly one.*found 0"):
+    optax_prune.find_pruning_state(optax.adam(1e-3).init(params))
+  one = optax.chain(optax.adam(1e-3), optax_prune.magnitude_pruning(0.5, seed=1))
+  assert optax_prune.find_pruning_state(one.init(params)).masks["w"].shape == (2, 2)
+  two = optax.chain(optax_prune.magnitude_pruning(0.5), optax_prune.magnitude_pruning(0.25))
+  with pytest.raises(ValueError, match="exactly one.*found 2"):
+    optax_prune.find_pruning_state(two.init(params))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -1,0 +1,117 @@
+"""The pruning transformation's arguments, checked once into a frozen config.
+
+Every check that can be made before the params are seen is made here, at
+construction, so a mistake is a ``ValueError`` naming the argument and never a
+traceback from inside ``jit``. What needs the params (which leaves exist,
+whether a granularity fits a leaf) is checked by ``_plan.make_plan`` at
+``init``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from optax_prune import _checks
+from optax_prune import _distributions
+from optax_prune import _granularity
+from optax_prune import _paths
+from optax_prune import _schedules
+from optax_prune import _scores
+from optax_prune import _thresholds
+
+SCOPES = ("layer", "global")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PruningConfig:
+  """What ``magnitude_pruning`` was asked to do, checked (see its docstring)."""
+
+  # A schedule, None (not pruned), a pytree prefix of those or `by_path`
+  # rules; plain numbers are already `constant_schedule`s.
+  schedule: Any
+  # None (`_paths.default_where`), a predicate `(path, leaf) -> bool`, or a
+  # pytree prefix of Python bools.
+  where: Any
+  scope: str
+  threshold: str  # One of `_thresholds.THRESHOLDS`.
+  granularity: Any  # As `schedule`, of granularities (None: unstructured).
+  distribution: str  # One of `_distributions.DISTRIBUTIONS`.
+  score: _scores.Score
+  seed: int
+
+
+def is_schedule_leaf(x: Any) -> bool:
+  return x is None or callable(x) or _checks.is_number(x)
+
+
+def is_granularity_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, _granularity.Granularity)
+
+
+def make_config(
+    schedule: Any,
+    *,
+    where: Optional[Any] = None,
+    scope: str = "layer",
+    threshold: str = "auto",
+    granularity: Any = None,
+    distribution: str = "uniform",
+    score: Any = "magnitude",
+    seed: int = 0,
+) -> PruningConfig:
+  """Checks ``magnitude_pruning``'s arguments; returns them as a config."""
+  _checks.one_of("scope", scope, SCOPES)
+  _checks.one_of("threshold", threshold, _thresholds.THRESHOLDS)
+  _checks.one_of("distribution", distribution, _distributions.DISTRIBUTIONS)
+  if distribution != "uniform" and scope != "layer":
+    raise ValueError(
+        f"`distribution={distribution!r}` shares a target among leaves ranked"
+        " on their own: it needs `scope='layer'` (global scope already ranks"
+        " the leaves together)."
+    )
+  bad = [g for g in _paths.spec_values(granularity, is_granularity_leaf)
+         if not is_granularity_leaf(g)]
+  if bad:
+    raise ValueError(
+        "`granularity` must be None, a granularity (`optax_prune.unstructured()`,"
+        " `n_of_m(...)`, `blocks(...)`, `channels(...)` or your own, see"
+        " `optax_prune.Granularity`), a pytree of those or `by_path` rules; it"
+        f" holds {bad[0]!r}."
+    )
+  if where is not None and not callable(where):
+    bad = [w for w in jax.tree.leaves(where) if not isinstance(w, (bool, jnp.bool_))]
+    if bad:
+      raise ValueError(
+          "`where` must be None, a predicate `(path, leaf) -> bool`, or a"
+          f" pytree of Python bools; it holds {bad[0]!r}."
+      )
+  return PruningConfig(
+      schedule=_checked_schedules(schedule),
+      where=where,
+      scope=scope,
+      threshold=threshold,
+      granularity=granularity,
+      distribution=distribution,
+      score=_scores.resolve(score),
+      seed=_checks.integer("seed", seed),
+  )
+
+
+def _checked_schedules(spec: Any) -> Any:
+  """``spec`` with every schedule checked now (never inside jit) and numbers
+  replaced by their ``constant_schedule``."""
+  values = _paths.spec_values(spec, is_schedule_leaf)
+  checked: dict[int, Callable] = {}
+  for i, value in enumerate(values):
+    if value is not None and id(value) not in checked:
+      name = "schedule" if len(values) == 1 else f"schedule[{i}]"
+      checked[id(value)] = _schedules.check_schedule(name, value)
+  convert = lambda v: None if v is None else checked[id(v)]
+  if isinstance(spec, _paths.PathRules):
+    return _paths.PathRules(
+        tuple((p, convert(v)) for p, v in spec.rules), convert(spec.default))
+  return jax.tree.map(convert, spec, is_leaf=is_schedule_leaf)

@@ -1,0 +1,174 @@
+"""Planning: which leaves are pruned, how they are grouped, which method each
+group uses. Static, from the config and the params' structure (shapes,
+dtypes, placement), never from their values; tests call :func:`make_plan`
+directly, without tracing.
+
+The plan is laid out as a mask update uses it: per schedule (one
+``lax.cond``), its groups (each ranked together: one leaf under layer scope,
+the leaves that share the schedule and the granularity under global scope),
+each with its threshold method.
+
+Grouping rule: leaves share a schedule when their schedules are *equal*.
+Built-in schedules and plain numbers compare by value (two ``0.8`` read from a
+config are one schedule); functions of your own by identity. Under global
+scope a group is the leaves of one schedule with equal granularities; with
+``distribution="erk"`` the leaves of one schedule share one budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from optax_prune import _config
+from optax_prune import _distributions
+from optax_prune import _granularity
+from optax_prune import _paths
+from optax_prune import _placement
+from optax_prune import _scores
+from optax_prune import _thresholds
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """One pruned leaf."""
+
+  index: int  # Position among the params' leaves (`jax.tree.leaves` order).
+  path: str  # `jax.tree_util.keystr` of its path.
+  shape: tuple[int, ...]
+  granularity: Any  # A `Granularity`; `unstructured()` for an empty leaf.
+  units: int  # Units it holds under its granularity.
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+  """Leaves ranked together, and the threshold method that ranks them."""
+
+  leaves: tuple[LeafPlan, ...]
+  method: str  # One of `_thresholds.METHODS`.
+
+  @property
+  def units(self) -> int:
+    return sum(leaf.units for leaf in self.leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulePlan:
+  """The groups of one schedule: their masks are recomputed together."""
+
+  schedule: Callable  # step -> PruningTarget.
+  groups: tuple[GroupPlan, ...]
+  distribution: str  # How the schedule's sparsity is shared among the groups.
+  score: _scores.Score
+  seed: int
+
+  @property
+  def leaves(self) -> tuple[LeafPlan, ...]:
+    return tuple(leaf for group in self.groups for leaf in group.leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything static about a mask update for params of one structure."""
+
+  treedef: Any
+  pruned: tuple[bool, ...]  # Per leaf of the params.
+  schedules: tuple[SchedulePlan, ...]
+
+  @property
+  def pruned_indices(self) -> tuple[int, ...]:
+    """Leaf indices of the pruned leaves, in order (the state's targets)."""
+    return tuple(i for i, p in enumerate(self.pruned) if p)
+
+
+def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
+  """The plan for ``params`` (arrays, tracers or ``ShapeDtypeStruct``s).
+
+  Raises:
+    ValueError: a leaf chosen for pruning is not floating, a granularity does
+      not fit a leaf, the score fails on a leaf, or a group holds 2**31 units
+      or more.
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [leaf for _, leaf in path_leaves]
+  paths = [jax.tree_util.keystr(path) for path, _ in path_leaves]
+  schedules = _paths.per_leaf(
+      config.schedule, params, _config.is_schedule_leaf, "schedule")
+  granularities = _paths.per_leaf(
+      config.granularity, params, _config.is_granularity_leaf, "granularity")
+  pruned = tuple(
+      chosen and schedule is not None
+      for chosen, schedule in zip(_chosen(config.where, params, path_leaves), schedules))
+
+  by_schedule: dict = {}  # Schedule key -> {group key -> [LeafPlan]}, in order.
+  for i in (i for i, p in enumerate(pruned) if p):
+    leaf = _leaf_plan(config, i, paths[i], leaves[i], granularities[i])
+    group = (leaf.granularity,) if config.scope == "global" else (i,)
+    groups = by_schedule.setdefault(_key(schedules[i]), (schedules[i], {}))[1]
+    groups.setdefault(group, []).append(leaf)
+
+  planned = []
+  for schedule, groups in by_schedule.values():
+    total = sum(leaf.units for group in groups.values() for leaf in group)
+    if config.distribution == "erk" and total > _distributions.MAX_GROUP_SIZE:
+      raise ValueError(
+          "`distribution='erk'` shares one count among the leaves of a"
+          f" schedule; they hold {total} units, and at most 2**31 - 1 are"
+          " supported. Give some leaves their own schedule."
+      )
+    planned.append(SchedulePlan(
+        schedule=schedule,
+        groups=tuple(_group_plan(config, group, leaves) for group in groups.values()),
+        distribution=config.distribution,
+        score=config.score,
+        seed=config.seed,
+    ))
+  return Plan(treedef=treedef, pruned=pruned, schedules=tuple(planned))
+
+
+def _chosen(where: Any, params: Any, path_leaves: list) -> list[bool]:
+  """Per leaf, whether ``where`` selects it."""
+  if where is not None and not callable(where):
+    return [bool(w) for w in _paths.per_leaf(where, params, None, "where")]
+  predicate = where or _paths.default_where
+  return [bool(predicate(path, leaf)) for path, leaf in path_leaves]
+
+
+def _key(schedule: Callable) -> Any:
+  """Equal schedules share a key; unhashable ones are keyed by identity."""
+  try:
+    hash(schedule)
+  except TypeError:
+    return id(schedule)
+  return schedule
+
+
+def _leaf_plan(config, index: int, path: str, leaf: Any, granularity: Any) -> LeafPlan:
+  dtype, shape = jnp.result_type(leaf), tuple(jnp.shape(leaf))
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"`where` selects leaf {path} of dtype {dtype}, but only floating"
+        " leaves can be pruned; exclude it from `where`."
+    )
+  # An empty leaf has no units under any granularity: it must not take a
+  # share of a global or ERK budget (a (0, 4) leaf has 4 empty channels).
+  if granularity is None or not jnp.size(leaf):
+    granularity = _granularity.Unstructured()
+  granularity.check(path, shape)
+  config.score.check(path, leaf)
+  return LeafPlan(index, path, shape, granularity,
+                  _granularity.unit_count(granularity, shape))
+
+
+def _group_plan(config, leaves: list[LeafPlan], params: list) -> GroupPlan:
+  size = sum(leaf.units for leaf in leaves)
+  if size > _distributions.MAX_GROUP_SIZE:
+    raise ValueError(
+        f"a pruning group holds {size} entries; at most 2**31 - 1 are"
+        " supported. Use `scope='layer'` or split the leaves."
+    )
+  whole = all(_placement.known_whole(params[leaf.index]) for leaf in leaves)
+  return GroupPlan(tuple(leaves), _thresholds.choose_method(config.threshold, size, whole))
