@@ -1,6 +1,6 @@
 """The shared contract, run over every pair of options.
 
-score x granularity x scope x threshold x distribution x optimizer: the full
+score x granularity x scope x threshold x distribution x optimizer x dtype: the full
 product is hundreds of compiles, so the battery is a set of configurations
 that covers every allowed pair of values (`helpers.all_pairs`, checked
 below). Each configuration trains the small CNN for 10 steps along a schedule
@@ -46,6 +46,7 @@ FACTORS = {
     "threshold": ["sort", "bisect", "auto"],
     "distribution": ["uniform", "erk"],
     "optimizer": ["sgd-momentum", "adamw"],
+    "dtype": ["float32", "bfloat16"],
 }
 OPTIMIZERS = {
     "sgd-momentum": lambda: optax.sgd(0.05, momentum=0.9),
@@ -64,7 +65,7 @@ def _name(config):
   g = config["granularity"]
   return "-".join([config["score"], "unstructured" if g is None else repr(g),
                    config["scope"], config["threshold"], config["distribution"],
-                   config["optimizer"]])
+                   config["optimizer"], config["dtype"]])
 
 
 def test_battery_covers_every_allowed_pair():
@@ -76,7 +77,7 @@ def test_battery_covers_every_allowed_pair():
           if not _allowed({**{n: FACTORS[n][0] for n in names}, a: va, b: vb}):
             continue
           assert any(c[a] == va and c[b] == vb for c in BATTERY), (a, va, b, vb)
-  assert len(BATTERY) < 30  # Pairs, not the product (432).
+  assert len(BATTERY) < 30  # Pairs, not the product (864).
 
 
 def _expected_counts(config, sparsity, shapes):
@@ -90,12 +91,10 @@ def _expected_counts(config, sparsity, shapes):
 
 @pytest.mark.parametrize("config", BATTERY, ids=_name)
 def test_contract(config):
-  kwargs = {k: v for k, v in config.items() if k != "optimizer"}
-  tx = optax.chain(OPTIMIZERS[config["optimizer"]](),
-                   optax_prune.magnitude_pruning(SCHEDULE, **kwargs))
+  tx = _transformation(config)
   granularity = config["granularity"]
   previous = None
-  for t, before, state, after in helpers.train(tx, helpers.params(), STEPS):
+  for t, before, state, after in helpers.train(tx, _params(config), STEPS):
     pstate = optax_prune.find_pruning_state(state)
     masks = [np.asarray(pstate.masks[k]["kernel"]) for k in KERNELS]
     assert all(isinstance(pstate.masks[k]["bias"], optax.MaskedNode) for k in KERNELS)
@@ -111,7 +110,7 @@ def test_contract(config):
       else:
         assert sum(counts) == total, (t, counts, total)
       if granularity is None and config["score"] == "magnitude":
-        kernels = [np.asarray(before[k]["kernel"]) for k in KERNELS]
+        kernels = [np.asarray(before[k]["kernel"], np.float32) for k in KERNELS]
         if config["scope"] == "global":
           expected = reference.keep_masks(kernels, sparsity)
         elif config["distribution"] == "uniform":
@@ -129,7 +128,8 @@ def test_contract(config):
       for got, old in zip(masks, previous):
         assert not (got & ~old).any(), "a pruned entry was revived"
     for k, m in zip(KERNELS, masks):
-      kept_out = np.asarray(after[k]["kernel"])[~m]
+      assert after[k]["kernel"].dtype == config["dtype"]
+      kept_out = np.asarray(after[k]["kernel"], np.float32)[~m]
       assert (kept_out == 0).all(), f"step {t}: pruned weights of {k} are not 0"
     previous = masks
 
@@ -142,12 +142,22 @@ def _smallest_pruned(x, n):
   return keep.reshape(x.shape)
 
 
-@pytest.mark.parametrize("config", BATTERY[::4], ids=_name)
+def _transformation(config):
+  kwargs = {k: v for k, v in config.items() if k not in ("optimizer", "dtype")}
+  return optax.chain(OPTIMIZERS[config["optimizer"]](),
+                     optax_prune.magnitude_pruning(SCHEDULE, **kwargs))
+
+
+def _params(config):
+  return helpers.params(dtype=config["dtype"])
+
+
+# Eager runs are slow to dispatch: two configurations, structured and not.
+@pytest.mark.parametrize("config", [c for c in BATTERY if c["score"] == "magnitude"][:2],
+                         ids=_name)
 def test_eager_update_equals_jit(config):
-  kwargs = {k: v for k, v in config.items() if k != "optimizer"}
-  tx = optax.chain(OPTIMIZERS[config["optimizer"]](),
-                   optax_prune.magnitude_pruning(SCHEDULE, **kwargs))
-  p = helpers.params()
+  tx = _transformation(config)
+  p = _params(config)
   grads = jax.grad(helpers.loss)(p)
   state = tx.init(p)
   eager = tx.update(grads, state, p)

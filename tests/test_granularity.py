@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
@@ -151,18 +150,6 @@ def test_global_scope_ranks_units_of_one_granularity_together():
   assert masks["b"].all()
 
 
-def test_structured_masks_keep_exact_zeros_under_adam():
-  params = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((8, 8)), jnp.float32)}
-  tx = optax.chain(optax.adam(0.1), optax_prune.magnitude_pruning(
-      0.5, granularity=optax_prune.blocks((4, 4))))
-  state = tx.init(params)
-  for _ in range(3):
-    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
-    params = optax.apply_updates(params, updates)
-  mask = optax_prune.find_pruning_state(state).masks["w"]
-  assert int((~mask).sum()) == 32 and bool((params["w"][~mask] == 0).all())
-
-
 @pytest.mark.parametrize("make,match", [
     (lambda: optax_prune.n_of_m(4, 4), "`n`"),
     (lambda: optax_prune.n_of_m(0, 4), "`n`"),
@@ -236,39 +223,3 @@ def test_erk_counts_units_of_structured_leaves():
   pruned = {k: int((~m.any(0)).sum()) for k, m in masks.items()}  # Pruned channels.
   assert sum(pruned.values()) == reference.prune_count(0.75, 8 + 32)
   assert pruned["small"] / 8 < pruned["large"] / 32  # The smaller leaf stays denser.
-
-
-@pytest.mark.parametrize("granularity,score", [
-    (optax_prune.n_of_m(2, 4, axis=0), "magnitude"),
-    (optax_prune.blocks((4, 4), reduce="max"), "saliency"),
-    (optax_prune.channels(norm="l1"), "random"),
-])
-def test_structured_runs_compile_once_keep_zeros_and_nest_masks(granularity, score):
-  rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.standard_normal((16, 12)), jnp.bfloat16),
-            "b": jnp.zeros(12, jnp.bfloat16)}
-  schedule = optax_prune.polynomial_schedule(1.0 if score == "magnitude" else 0.75,
-                                             begin_step=0, end_step=8, frequency=2)
-  tx = optax.chain(optax.adam(0.1), optax_prune.magnitude_pruning(
-      schedule, granularity=granularity, score=score, seed=1))
-  traces = []
-
-  @jax.jit
-  def step(params, state):
-    traces.append(1)
-    grads = jax.tree.map(lambda p: jnp.cos(p.astype(jnp.float32)).astype(p.dtype), params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  state, previous = tx.init(params), None
-  for _ in range(10):
-    params, state = step(params, state)
-    mask = np.asarray(optax_prune.find_pruning_state(state).masks["w"])
-    assert params["w"].dtype == jnp.bfloat16
-    assert (np.asarray(params["w"], np.float32)[~mask] == 0).all()
-    if previous is not None:
-      assert not (mask & ~previous).any()  # Nothing pruned comes back.
-    previous = mask
-  assert len(traces) == 1
-  if score == "magnitude":  # Every group of 4 along axis 0 is 2:4 at the end.
-    assert (mask.reshape(4, 4, 12).sum(1) == 2).all()

@@ -109,17 +109,3 @@ def test_bad_scores_are_clear_errors_before_jit(score, match):
 def test_bad_seed_is_refused():
   with pytest.raises(ValueError, match="`seed`"):
     optax_prune.magnitude_pruning(0.5, score="random", seed=1.5)
-
-
-def test_random_masks_only_grow_along_a_ramp():
-  params = {"w": jnp.ones((16, 16))}
-  schedule = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=2, frequency=1)
-  tx = optax_prune.magnitude_pruning(schedule, score="random")
-  step = jax.jit(lambda s: tx.update(params, s, params)[1])
-  state, previous = tx.init(params), np.ones((16, 16), bool)
-  for t in range(3):
-    state = step(state)
-    mask = np.asarray(state.masks["w"])
-    assert not (mask & ~previous).any(), f"step {t}: a pruned entry came back"
-    assert (~mask).sum() == reference.prune_count(float(schedule(t).sparsity), 256)
-    previous = mask
