@@ -39,7 +39,7 @@ class PruningConfig:
   scope: str
   threshold: str  # One of `_thresholds.THRESHOLDS`.
   granularity: Any  # As `schedule`, of granularities (None: unstructured).
-  distribution: str  # One of `_distributions.DISTRIBUTIONS`.
+  distribution: _distributions.Distribution
   score: _scores.Score
   seed: int
 
@@ -66,8 +66,8 @@ def make_config(
   """Checks ``magnitude_pruning``'s arguments; returns them as a config."""
   _checks.one_of("scope", scope, SCOPES)
   _checks.one_of("threshold", threshold, _thresholds.THRESHOLDS)
-  _checks.one_of("distribution", distribution, _distributions.DISTRIBUTIONS)
-  if distribution != "uniform" and scope != "layer":
+  shared = _distributions.resolve(distribution)
+  if shared.shares_budget and scope != "layer":
     raise ValueError(
         f"`distribution={distribution!r}` shares a target among leaves ranked"
         " on their own: it needs `scope='layer'` (global scope already ranks"
@@ -95,7 +95,7 @@ def make_config(
       scope=scope,
       threshold=threshold,
       granularity=granularity,
-      distribution=distribution,
+      distribution=shared,
       score=_scores.resolve(score),
       seed=_checks.integer("seed", seed),
   )

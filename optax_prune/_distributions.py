@@ -4,7 +4,7 @@ sparsity is shared among its leaves.
 Counts are exact: a group of :math:`n` units at sparsity :math:`s` loses
 :math:`\\mathrm{round}(s n)` (half to even), computed in integer arithmetic
 from the float32 bits of :math:`s` (:func:`prune_count`). A schedule's
-``distribution`` shares its sparsity (:func:`prune_counts`):
+``distribution`` shares its sparsity (:class:`Uniform`, :class:`ERK`):
 
 * ``"uniform"``: every leaf at the scheduled sparsity :math:`s`; leaf
   :math:`l` of :math:`n_l` units loses :math:`\\mathrm{round}(s n_l)`.
@@ -26,13 +26,16 @@ Both run on a traced sparsity inside ``jit``: the schedule may ramp :math:`s`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from optax_prune import _checks
 
 DISTRIBUTIONS = ("uniform", "erk")
 # Largest group size (units) for which a count fits our int32 arithmetic.
@@ -199,35 +202,69 @@ def nested_counts(
   return out
 
 
-def prune_counts(
-    distribution: str,
-    sizes: Sequence[int],
-    shapes: Sequence[Sequence[int]],
-    sparsity: jax.Array,
-    pruned: Optional[Sequence[jax.Array]] = None,
-) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Units to prune per group, and the sparsity that asks of each group.
+class Distribution(Protocol):
+  """How a schedule's sparsity is shared among its groups."""
 
-  Args:
-    distribution: ``"uniform"`` or ``"erk"`` (one leaf per group: ERK's
-      ratio is taken from the leaf's ``shape``).
-    sizes: units per group.
-    shapes: per group, the shape of its (first) leaf.
-    sparsity: float32 scalar, the schedule's sparsity; clipped to [0, 1], NaN
-      counts as 0.
-    pruned: optional, per group, the units it has lost already; ERK counts
-      then never fall below them while the sparsity rises
-      (:func:`nested_counts`). Uniform counts, ``round(s * n)``, never fall
-      while ``s`` rises.
+  name: str
+  # Whether the groups of a schedule share one count (so their total units
+  # must fit int32 together), or each has its own.
+  shares_budget: bool
 
-  Returns:
-    ``(counts, shares)``: per group a uint32 count in [0, size] and a float32
-    scalar, the sparsity asked of it (its own share under ERK).
+  def counts(
+      self, sizes: Sequence[int], shapes: Sequence[Sequence[int]],
+      sparsity: jax.Array, pruned: Optional[Sequence[jax.Array]] = None,
+  ) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Units to prune per group, and the sparsity that asks of each group.
+
+    Args:
+      sizes: units per group.
+      shapes: per group, the shape of its (first) leaf.
+      sparsity: float32 scalar, the schedule's sparsity; clipped to [0, 1],
+        NaN counts as 0.
+      pruned: optional, per group, the units it has lost already.
+
+    Returns:
+      ``(counts, shares)``: per group a uint32 count in [0, size] and a
+      float32 scalar, the sparsity asked of it.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+  """Each group at the schedule's sparsity: ``round(s * n)`` units.
+
+  Never fewer while ``s`` rises, so ``pruned`` is not needed.
   """
-  sparsity = clip_sparsity(sparsity)
-  if distribution == "erk":
+
+  name = "uniform"
+  shares_budget = False
+
+  def counts(self, sizes, shapes, sparsity, pruned=None):
+    del shapes, pruned
+    sparsity = clip_sparsity(sparsity)
+    return uniform_prune_counts(sizes, sparsity), [sparsity] * len(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ERK:
+  """Erdos-Renyi-Kernel shares of one exact total (one leaf per group).
+
+  With ``pruned``, no group loses fewer units than it has already while the
+  total rises (:func:`nested_counts`). A group's share is its count over its
+  units.
+  """
+
+  name = "erk"
+  shares_budget = True
+
+  def counts(self, sizes, shapes, sparsity, pruned=None):
     counts = erk_prune_counts(sizes, [erk_ratio(s) for s in shapes], sparsity)
     if pruned is not None:
       counts = nested_counts(counts, pruned)
     return counts, [c.astype(jnp.float32) / max(n, 1) for c, n in zip(counts, sizes)]
-  return uniform_prune_counts(sizes, sparsity), [sparsity] * len(sizes)
+
+
+def resolve(name: str) -> Distribution:
+  """The distribution called ``name``; a ``ValueError`` naming the argument."""
+  _checks.one_of("distribution", name, DISTRIBUTIONS)
+  return {"uniform": Uniform(), "erk": ERK()}[name]

@@ -61,7 +61,7 @@ class SchedulePlan:
 
   schedule: Callable  # step -> PruningTarget.
   groups: tuple[GroupPlan, ...]
-  distribution: str  # How the schedule's sparsity is shared among the groups.
+  distribution: _distributions.Distribution  # How the groups share the sparsity.
   score: _scores.Score
   seed: int
 
@@ -113,9 +113,9 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
   planned = []
   for schedule, groups in by_schedule.values():
     total = sum(leaf.units for group in groups.values() for leaf in group)
-    if config.distribution == "erk" and total > _distributions.MAX_GROUP_SIZE:
+    if config.distribution.shares_budget and total > _distributions.MAX_GROUP_SIZE:
       raise ValueError(
-          "`distribution='erk'` shares one count among the leaves of a"
+          f"`distribution={config.distribution.name!r}` shares one count among the leaves of a"
           f" schedule; they hold {total} units, and at most 2**31 - 1 are"
           " supported. Give some leaves their own schedule."
       )

@@ -1,8 +1,9 @@
 """Update rules: how one schedule's masks are recomputed at a mask update.
 
 A rule is a function ``rule(plan, sparsity, inputs) -> MaskUpdate``: given a
-:class:`~optax_prune._plan.SchedulePlan`, the schedule's sparsity (float32,
-clipped to [0, 1]) and the :class:`MaskInputs` of the step, it returns the new
+:class:`~optax_prune._plan.SchedulePlan`, the schedule's sparsity (a float32
+scalar as the schedule gave it: the distribution clips it to [0, 1], NaN
+counting as 0) and the :class:`MaskInputs` of the step, it returns the new
 keep-masks, target sparsities and pruned unit counts of ``plan.leaves``, in
 that order. The transformation calls it inside a ``lax.cond`` on the
 schedule's ``update`` flag and does nothing else with masks, so a new rule
@@ -19,7 +20,6 @@ from typing import Any, NamedTuple, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 
-from optax_prune import _distributions
 from optax_prune import _placement
 from optax_prune import _plan
 from optax_prune import _scores
@@ -76,8 +76,8 @@ def prune_smallest(
   # 2. Unit scores.
   units = {leaf.index: leaf.granularity.unit_scores(scores[leaf.index]) for leaf in leaves}
   # 3. Counts: how many units each group loses.
-  counts, shares = _distributions.prune_counts(
-      plan.distribution, [g.units for g in plan.groups],
+  counts, shares = plan.distribution.counts(
+      [g.units for g in plan.groups],
       [g.leaves[0].shape for g in plan.groups], sparsity,
       pruned=[sum(inputs.pruned_units[leaf.index] for leaf in g.leaves)
               for g in plan.groups])

@@ -17,7 +17,6 @@ import optax
 from jax import lax
 
 from optax_prune import _config
-from optax_prune import _distributions
 from optax_prune import _paths
 from optax_prune import _placement
 from optax_prune import _plan
@@ -204,10 +203,9 @@ def update_masks(
   pruned = list(inputs.pruned_units)
   for schedule in plan.schedules:
     target = schedule.schedule(state.count)
-    sparsity = _distributions.clip_sparsity(target.sparsity)
     indices = [leaf.index for leaf in schedule.leaves]
     old = _rules.MaskUpdate(*([field[i] for i in indices] for field in (masks, targets, pruned)))
-    new = lax.cond(target.update, lambda s=schedule, x=sparsity: rule(s, x, inputs),
+    new = lax.cond(target.update, lambda s=schedule, x=target.sparsity: rule(s, x, inputs),
                    lambda old=old: old)
     for field, values in zip((masks, targets, pruned), new):
       for i, value in zip(indices, values):

@@ -155,9 +155,9 @@ def test_erk_counts_stay_nested_when_rounding_would_shrink_a_leaf():
   # Channels of three kernels: at 0.65625 ERK gives the first leaf 7 of 8
   # units and at 0.75 only 6; nesting keeps 7 and takes the unit elsewhere.
   sizes, shapes = [8, 16, 8], [(3, 3, 4, 8), (32, 16), (16, 8)]
-  first, _ = _distributions.prune_counts("erk", sizes, shapes, np.float32(0.65625))
-  raw, _ = _distributions.prune_counts("erk", sizes, shapes, np.float32(0.75))
-  later, _ = _distributions.prune_counts("erk", sizes, shapes, np.float32(0.75), pruned=first)
+  first, _ = _distributions.ERK().counts(sizes, shapes, np.float32(0.65625))
+  raw, _ = _distributions.ERK().counts(sizes, shapes, np.float32(0.75))
+  later, _ = _distributions.ERK().counts(sizes, shapes, np.float32(0.75), pruned=first)
   first, raw, later = ([int(c) for c in x] for x in (first, raw, later))
   assert raw[0] < first[0]  # The defect nesting repairs.
   assert all(b >= a for a, b in zip(first, later))

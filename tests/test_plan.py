@@ -91,8 +91,8 @@ def _random_rule(plan, sparsity, inputs):
   """Static sparse training: a fresh random mask of the exact size at every
   update, ignoring the old one (so it revives weights, on purpose)."""
   masks = []
-  counts, shares = _distributions.prune_counts(
-      "uniform", [leaf.units for leaf in plan.leaves], [], sparsity)
+  counts, shares = _distributions.Uniform().counts(
+      [leaf.units for leaf in plan.leaves], [], sparsity)
   for leaf, count in zip(plan.leaves, counts):
     scores = jax.random.uniform(_scores.leaf_key(inputs.key, leaf.index), leaf.shape)
     masks.append(_thresholds.keep_masks_for_counts([[scores]], [count], "sort")[0][0])
