@@ -16,11 +16,13 @@ from optax_prune._granularity import n_of_m
 from optax_prune._granularity import unstructured
 from optax_prune._paths import by_path
 from optax_prune._schedules import constant_schedule
+from optax_prune._schedules import from_optax_schedule
 from optax_prune._schedules import log_schedule
 from optax_prune._schedules import polynomial_schedule
 from optax_prune._schedules import PruningSchedule
 from optax_prune._schedules import PruningTarget
 from optax_prune._summary import LeafSparsity
+from optax_prune._summary import pruning_metrics
 from optax_prune._summary import sparsity_summary
 from optax_prune._summary import SparsitySummary
 from optax_prune._thresholds import keep_masks
@@ -49,12 +51,14 @@ __all__ = (
     "constant_schedule",
     "export_size_report",
     "find_pruning_state",
+    "from_optax_schedule",
     "keep_masks",
     "log_schedule",
     "magnitude_pruning",
     "n_of_m",
     "nm_matmul",
     "polynomial_schedule",
+    "pruning_metrics",
     "sparsity_summary",
     "to_bcoo",
     "to_nm",

@@ -25,6 +25,16 @@ from optax_prune import _thresholds
 
 SCOPES = ("layer", "global")
 
+_ARRAY_ARGUMENT_MSG = (
+    "`{name}` is a JAX array; `magnitude_pruning`'s arguments are static (they"
+    " decide what is compiled), and `optax.inject_hyperparams` turns numbers"
+    " into arrays. Wrap the optimizer, not the pruning: `optax.chain("
+    "optax.inject_hyperparams(optax.adamw)(learning_rate=...),"
+    " optax_prune.magnitude_pruning(schedule))`. To move the target at run time,"
+    " give a schedule that computes it from the step (see"
+    " `optax_prune.from_optax_schedule`)."
+)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PruningConfig:
@@ -64,6 +74,9 @@ def make_config(
     seed: int = 0,
 ) -> PruningConfig:
   """Checks ``magnitude_pruning``'s arguments; returns them as a config."""
+  for name, value in (("schedule", schedule), ("seed", seed)):
+    if any(isinstance(x, jax.Array) for x in jax.tree.leaves(value)):
+      raise ValueError(_ARRAY_ARGUMENT_MSG.format(name=name))
   _checks.one_of("scope", scope, SCOPES)
   _checks.one_of("threshold", threshold, _thresholds.THRESHOLDS)
   shared = _distributions.resolve(distribution)

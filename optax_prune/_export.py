@@ -21,14 +21,15 @@ def _leaves_with_masks(params: Any, masks: Any):
 
   Returns ``(path_leaves, treedef, masks)``, where each mask is a bool NumPy
   array of the leaf's shape, or None for a leaf that is not pruned (an
-  `optax.MaskedNode` in `masks`). With ``masks=None``, every floating leaf of
-  ndim >= 2 is taken as pruned and keeps its nonzero entries.
+  `optax.MaskedNode` in `masks`). With ``masks=None``, the leaves that
+  ``magnitude_pruning`` prunes by default (kernels) keep their nonzero entries.
   """
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   if masks is None:
     mask_leaves = []
-    for path, leaf in path_leaves:
-      if hasattr(leaf, "dtype") and _paths.default_where(path, leaf):
+    pruned = _paths.default_where(path_leaves)
+    for (path, leaf), default in zip(path_leaves, pruned):
+      if hasattr(leaf, "dtype") and default:
         _check_not_traced(leaf, "params")
         mask_leaves.append(np.asarray(leaf) != 0)
       else:
@@ -77,9 +78,9 @@ def to_bcoo(params: Any, masks: Any = None) -> Any:
     params: a pytree of arrays, e.g. the trained params.
     masks: keep-masks with the structure of `params`, e.g.
       ``find_pruning_state(opt_state).masks``: bool arrays (True = kept) for
-      pruned leaves and ``optax.MaskedNode()`` for the others. If None, every
-      floating leaf with ndim >= 2 is converted keeping its nonzero entries,
-      and other leaves are left dense.
+      pruned leaves and ``optax.MaskedNode()`` for the others. If None, the
+      leaves pruned by default (kernels) are converted keeping their nonzero
+      entries, and other leaves are left dense.
 
   Returns:
     A pytree like `params` with ``BCOO`` leaves in place of the pruned ones.
@@ -402,8 +403,8 @@ def export_size_report(params: Any, masks: Any = None, *,
 
   Args:
     params: a pytree of arrays, e.g. the trained params.
-    masks: keep-masks as for :func:`to_bcoo`; if None, every floating leaf
-      with ndim >= 2 counts as pruned, keeping its nonzero entries.
+    masks: keep-masks as for :func:`to_bcoo`; if None, the leaves pruned by
+      default (kernels) count as pruned, keeping their nonzero entries.
     nm: optional N:M granularity, ``n_of_m(n, m, axis=...)``; N:M bytes are
       then given for each pruned leaf whose mask fits it (None for the others).
 

@@ -267,7 +267,7 @@ def unstructured() -> Unstructured:
   return Unstructured()
 
 
-def n_of_m(n: int = 2, m: int = 4, *, axis: int = -1) -> NOfM:
+def n_of_m(n: int = 2, m: int = 4, *, axis: int) -> NOfM:
   r"""N:M sparsity: at most ``n`` of every ``m`` consecutive entries kept.
 
   The leaf's ``axis`` is cut into groups of ``m`` (its length must be a
@@ -276,15 +276,17 @@ def n_of_m(n: int = 2, m: int = 4, *, axis: int = -1) -> NOfM:
   N:M-sparse, those that lose the least ``sum |score|``; in each, the
   ``m - n`` smallest entries are pruned (ties: lower position first). At
   :math:`s = 1` the whole leaf is N:M with entry sparsity :math:`(m-n)/m`.
-  For NVIDIA's 2:4 sparse tensor cores use ``n_of_m(2, 4)`` along the
-  contraction axis of a kernel (``axis=0`` for a flax ``Dense`` kernel of
-  shape ``(in, out)``).
+  For NVIDIA's 2:4 sparse tensor cores, and for :func:`nm_matmul`, the groups
+  run along the contraction axis of a kernel: ``axis=0`` for a flax ``Dense``
+  kernel of shape ``(in, out)``, ``axis=-2`` (input channels) for a ``Conv``
+  kernel of shape ``(..., in, out)``. ``axis`` has no default: the axis the
+  mask is trained along is the axis it is packed along (``to_nm``).
 
   Args:
     n: entries kept per group, ``1 <= n < m``.
     m: group length, ``2 <= m <= 256``. Ranking within groups compares all
       pairs: temporaries of ``m`` bools per entry.
-    axis: the axis cut into groups.
+    axis: the axis cut into groups (required; see above).
 
   Returns:
     A granularity for ``magnitude_pruning(granularity=...)``.

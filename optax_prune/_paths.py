@@ -3,6 +3,9 @@
 * :func:`by_path` rules and pytree prefixes both give one setting per leaf
   (:func:`per_leaf`);
 * :func:`default_where` is the rule for the leaves pruned by default;
+* :func:`normalized` is the path rules and predicates see: an nnx
+  ``Variable``'s trailing ``.value`` dropped, so linen, nnx and plain pytrees
+  name a leaf alike;
 * :func:`pair_masks` pairs a tree's leaves with the pruning state's masks.
 """
 
@@ -87,8 +90,16 @@ def per_leaf(
   as in ``optax.masked``.
   """
   if isinstance(spec, PathRules):
-    return [spec.resolve(jax.tree_util.keystr(path))
-            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = [jax.tree_util.keystr(normalized(path))
+             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    unused = [p for p, _ in spec.rules if paths and not any(re.search(p, x) for x in paths)]
+    if unused:
+      raise ValueError(
+          f"`{name}`'s `by_path` rule {unused[0]!r} matches no leaf; the leaves'"
+          f" paths are like {paths[0]!r} (first match wins, `re.search`)."
+          " Fix or remove the rule."
+      )
+    return [spec.resolve(p) for p in paths]
   values, prefix_def = jax.tree.flatten(spec, is_leaf=is_leaf)
   try:
     subtrees = prefix_def.flatten_up_to(tree)
@@ -100,10 +111,38 @@ def per_leaf(
   return [v for v, sub in zip(values, subtrees) for _ in jax.tree.leaves(sub)]
 
 
-def default_where(path: Any, leaf: Any) -> bool:
-  """Pruned by default: floating leaves with ``ndim >= 2`` (kernels)."""
-  del path
-  return jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and jnp.ndim(leaf) >= 2
+def normalized(path: tuple) -> tuple:
+  """``path`` without an nnx ``Variable``'s trailing ``.value`` attribute."""
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+    return path[:-1]
+  return path
+
+
+def leaf_name(path: tuple) -> Optional[str]:
+  """The leaf's own name: its last dict key or attribute (None for an index)."""
+  path = normalized(path)
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.DictKey):
+    return str(last.key)
+  if isinstance(last, jax.tree_util.GetAttrKey):
+    return last.name
+  return None
+
+
+def default_where(path_leaves: list) -> list[bool]:
+  """Per leaf, whether it is pruned by default.
+
+  Floating leaves with ``ndim >= 2`` named ``kernel``: the weights of flax
+  linen and nnx ``Dense``, ``Conv``, ``Einsum`` and attention projections, not
+  their biases (2-D in attention), norm scales or embeddings. Params without
+  any such ``kernel`` (plain dicts, equinox, haiku) fall back to every
+  floating leaf with ``ndim >= 2``; the README shows the ``where`` to use there.
+  """
+  matrix = [jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and jnp.ndim(leaf) >= 2
+            for _, leaf in path_leaves]
+  kernel = [m and leaf_name(path) == "kernel" for m, (path, _) in zip(matrix, path_leaves)]
+  return kernel if any(kernel) else matrix
 
 
 def is_masked(x: Any) -> bool:

@@ -131,10 +131,25 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
 
 def _chosen(where: Any, params: Any, path_leaves: list) -> list[bool]:
   """Per leaf, whether ``where`` selects it."""
-  if where is not None and not callable(where):
+  if where is None:
+    return _paths.default_where(path_leaves)
+  if not callable(where):
     return [bool(w) for w in _paths.per_leaf(where, params, None, "where")]
-  predicate = where or _paths.default_where
-  return [bool(predicate(path, leaf)) for path, leaf in path_leaves]
+  try:
+    chosen = [bool(where(_paths.normalized(path), leaf)) for path, leaf in path_leaves]
+  except TypeError as e:
+    raise ValueError(
+        "`where` must be called as `where(path, leaf) -> bool` (two arguments,"
+        f" `path` as in `jax.tree_util.tree_flatten_with_path`); calling it failed: {e}"
+    ) from e
+  if path_leaves and not any(chosen):
+    raise ValueError(
+        "`where` selects no leaf of the params, so nothing would be pruned."
+        " Paths look like"
+        f" {jax.tree_util.keystr(_paths.normalized(path_leaves[0][0]))!r}; check"
+        " the predicate (an nnx Variable's `.value` is already dropped)."
+    )
+  return chosen
 
 
 def _key(schedule: Callable) -> Any:

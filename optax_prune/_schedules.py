@@ -255,6 +255,51 @@ class ConstantSchedule:
     )
 
 
+def from_optax_schedule(
+    sparsity: Callable[[jax.Array], jax.Array], *, every: int, begin_step: int = 0
+) -> PruningSchedule:
+  """A pruning schedule from an optax-style schedule of the sparsity.
+
+  ``sparsity(step)`` is any function of the step returning a float, such as
+  ``optax.linear_schedule(0.0, 0.9, 1000)``; masks are recomputed at steps
+  ``begin_step + j * every`` with the value it gives there (clipped to [0, 1]).
+
+  Args:
+    sparsity: ``step -> float``, traced like the step.
+    every: steps between mask updates, >= 1.
+    begin_step: the first mask update, >= 0.
+
+  Returns:
+    A schedule ``step -> PruningTarget``.
+
+  Examples:
+    >>> import optax, optax_prune
+    >>> schedule = optax_prune.from_optax_schedule(
+    ...     optax.linear_schedule(0.0, 0.8, 100), every=50)
+    >>> [(round(float(schedule(s).sparsity), 4), bool(schedule(s).update))
+    ...  for s in (0, 50, 60, 100)]
+    [(0.0, True), (0.4, True), (0.48, False), (0.8, True)]
+  """
+  if not callable(sparsity):
+    raise ValueError(f"`sparsity` must be a function of the step; got {sparsity!r}.")
+  return OptaxSchedule(sparsity, _int32("every", every, 1), _int32("begin_step", begin_step, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptaxSchedule:
+  """:func:`from_optax_schedule` as a value."""
+
+  sparsity: Callable[[jax.Array], jax.Array]
+  every: int
+  begin_step: int
+
+  def __call__(self, step) -> PruningTarget:
+    step = jnp.asarray(step, jnp.int32)
+    value = jnp.asarray(self.sparsity(step), jnp.float32)
+    update = (step >= self.begin_step) & ((step - self.begin_step) % self.every == 0)
+    return PruningTarget(jnp.clip(value, 0.0, 1.0), update)
+
+
 def check_schedule(name: str, schedule: Any) -> Callable[[Any], PruningTarget]:
   """Checks a schedule by tracing it once abstractly; returns it as a callable.
 
@@ -283,8 +328,13 @@ def check_schedule(name: str, schedule: Any) -> Callable[[Any], PruningTarget]:
       and out[1].dtype == jnp.bool_
   )
   if not ok:
+    hint = ""
+    if hasattr(out, "shape") and out.shape == () and jnp.issubdtype(out.dtype, jnp.floating):
+      hint = (" It returned one float, like an optax schedule: wrap it as"
+              f" `optax_prune.from_optax_schedule({name}, every=100)` to update"
+              " the masks every 100 steps.")
     raise ValueError(
         f"`{name}` must return a pair (sparsity: float scalar, update: bool"
-        f" scalar), such as `optax_prune.PruningTarget`; it returned {out!r}."
+        f" scalar), such as `optax_prune.PruningTarget`; it returned {out!r}.{hint}"
     )
   return schedule

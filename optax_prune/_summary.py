@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from optax_prune import _paths
 from optax_prune import _tables
+from optax_prune import _transform
 
 
 class LeafSparsity(NamedTuple):
@@ -20,6 +22,9 @@ class LeafSparsity(NamedTuple):
   zeros: int  # Entries exactly equal to zero (kept ones may be zero by chance).
   pruned: Optional[int]  # Entries masked out, when masks were given; else None.
   sparsity: float  # pruned / size with masks, else zeros / size (0 if empty).
+  # Masked-out entries that are not 0 (None without masks): a link after the
+  # pruning transformation moved them. 0 when pruning is last in the chain.
+  pruned_nonzero: Optional[int] = None
 
 
 class SparsitySummary(NamedTuple):
@@ -31,6 +36,7 @@ class SparsitySummary(NamedTuple):
   pruned: Optional[int]
   sparsity: float  # Over all leaves: pruned (or zeros, without masks) / size.
   masked_sparsity: Optional[float]  # Over the leaves that have masks only.
+  pruned_nonzero: Optional[int] = None  # Over all leaves (None without masks).
 
   def __str__(self) -> str:
     cells = lambda path, shape, size, zeros, pruned, sparsity: (
@@ -45,7 +51,17 @@ class SparsitySummary(NamedTuple):
           "masked leaves", "", sum(r.size for r in masked),
           sum(r.zeros for r in masked), self.pruned, self.masked_sparsity))
     header = ("path", "shape", "size", "zeros", "pruned", "sparsity")
-    return _tables.format_table(header, body, footer, left=2)
+    table = _tables.format_table(header, body, footer, left=2)
+    if self.pruned_nonzero:
+      table += "\n" + _PRUNED_NONZERO_WARNING.format(n=self.pruned_nonzero)
+    return table
+
+
+_PRUNED_NONZERO_WARNING = (
+    "WARNING: {n} pruned entries are not zero. Is `magnitude_pruning` the last"
+    " link of the chain? `optax.chain(optax.adamw(...), magnitude_pruning(...))`"
+    " keeps them at exactly 0; a link after it moves them again."
+)
 
 
 def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
@@ -78,7 +94,11 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
     values = np.asarray(leaf)
     size = int(values.size)
     zeros = int(np.count_nonzero(values == 0))
-    pruned = None if mask is None else int(np.count_nonzero(np.asarray(mask) == 0))
+    pruned = nonzero = None
+    if mask is not None:
+      removed = np.asarray(mask) == 0
+      pruned = int(np.count_nonzero(removed))
+      nonzero = int(np.count_nonzero(removed & (values != 0)))
     counted = zeros if pruned is None else pruned
     rows.append(LeafSparsity(
         path=jax.tree_util.keystr(path),
@@ -87,6 +107,7 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
         zeros=zeros,
         pruned=pruned,
         sparsity=counted / size if size else 0.0,
+        pruned_nonzero=nonzero,
     ))
   size = sum(r.size for r in rows)
   zeros = sum(r.zeros for r in rows)
@@ -101,4 +122,48 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
       rows=tuple(rows), size=size, zeros=zeros, pruned=pruned,
       sparsity=counted / size if size else 0.0,
       masked_sparsity=masked_sparsity,
+      pruned_nonzero=None if masks is None else sum(r.pruned_nonzero or 0 for r in rows),
   )
+
+
+def pruning_metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """Scalars for a logger (TensorBoard, wandb, ...), read from the pruning state.
+
+  Usable inside ``jit`` (no host transfer) or on a concrete state:
+
+  * ``"pruning/step"``: the state's step count;
+  * ``"pruning/sparsity"``: pruned entries over the entries of pruned leaves;
+  * ``"pruning/pruned_nonzero"``: entries pruned but not 0 at the last step,
+    0 when ``magnitude_pruning`` is last in the chain (anything else means a
+    link after it moves pruned weights);
+  * ``"pruning/target/<path>"`` per pruned leaf: the sparsity asked of it.
+
+  Args:
+    opt_state: an optimizer state holding one pruning state (see
+      ``find_pruning_state``).
+
+  Returns:
+    A dict of scalar arrays.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_prune
+    >>> tx = optax.chain(optax.adam(1e-3), optax_prune.magnitude_pruning(0.5))
+    >>> params = {"w": jnp.arange(4.0).reshape(2, 2)}
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> {k: float(v) for k, v in optax_prune.pruning_metrics(state).items()}
+    {'pruning/step': 1.0, 'pruning/sparsity': 0.5, 'pruning/pruned_nonzero': 0.0, "pruning/target/['w']": 0.5}
+  """
+  state = _transform.find_pruning_state(opt_state)
+  masks = [(jax.tree_util.keystr(path), m) for path, m in
+           jax.tree_util.tree_flatten_with_path(state.masks, is_leaf=_paths.is_masked)[0]
+           if not _paths.is_masked(m)]
+  size = sum(m.size for _, m in masks)
+  pruned = sum((jnp.sum(m == 0, dtype=jnp.int32) for _, m in masks), jnp.zeros((), jnp.int32))
+  metrics = {
+      "pruning/step": state.count,
+      "pruning/sparsity": pruned / max(size, 1),
+      "pruning/pruned_nonzero": state.pruned_nonzero,
+  }
+  for (path, _), target in zip(masks, state.target_sparsity):
+    metrics[f"pruning/target/{path}"] = target
+  return metrics

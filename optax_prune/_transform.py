@@ -36,7 +36,8 @@ class MagnitudePruningState(NamedTuple):
   ``masks`` has the params' structure, so ``optax.tree_utils.tree_map_params``
   maps it with the params (pass ``is_leaf=lambda x: isinstance(x,
   optax.MaskedNode)`` when ``rest`` trees are given, as for ``optax.masked``);
-  ``count``, ``target_sparsity`` and ``pruned_units`` are not params-shaped and are left to
+  ``count``, ``target_sparsity``, ``pruned_units`` and ``pruned_nonzero``
+  are not params-shaped and are left to
   ``transform_non_params``. Masks are read as ``mask != 0``, so a float cast
   of the state (to bf16, say) changes no decision.
   """
@@ -50,6 +51,10 @@ class MagnitudePruningState(NamedTuple):
   #                             update (of its units; with "erk", its share).
   pruned_units: jax.Array  # int32 (pruned leaves,), same order: the units
   #                          each pruned leaf has lost (exact counts).
+  pruned_nonzero: jax.Array  # int32 scalar: entries that the masks in force
+  #                            prune but that were not 0 in the params of the
+  #                            last update. Always 0 when this transformation
+  #                            is last in the chain; see `pruning_metrics`.
 
 
 def magnitude_pruning(
@@ -90,10 +95,13 @@ def magnitude_pruning(
       pytree of those whose structure is a prefix of the params, giving leaves
       their own schedules; ``None`` in that pytree leaves a subtree unpruned.
     where: which leaves are pruned. ``None`` (default): floating leaves with
-      ``ndim >= 2`` (kernels, not biases or norm scales). Or a predicate
-      ``where(path, leaf) -> bool`` with ``path`` as in
-      ``jax.tree_util.tree_flatten_with_path``, or a pytree of bools that is a
-      prefix of the params, as in ``optax.masked``.
+      ``ndim >= 2`` named ``kernel`` (flax linen and nnx weights, attention
+      projections included; not biases, norm scales or embeddings), or, in
+      params without any ``kernel``, every floating leaf with ``ndim >= 2``.
+      Or a predicate ``where(path, leaf) -> bool`` with ``path`` as in
+      ``jax.tree_util.tree_flatten_with_path`` (an nnx ``Variable``'s
+      trailing ``.value`` dropped; selecting no leaf is an error), or a pytree
+      of bools that is a prefix of the params, as in ``optax.masked``.
     scope: ``"layer"`` ranks each leaf on its own; ``"global"`` ranks all
       pruned leaves that share a schedule together (one threshold); the
       bisect method does so without concatenating them, the sort reference
@@ -165,6 +173,7 @@ def masking(
         masks=plan.treedef.unflatten(masks),
         target_sparsity=jnp.zeros(len(plan.pruned_indices), jnp.float32),
         pruned_units=jnp.zeros(len(plan.pruned_indices), jnp.int32),
+        pruned_nonzero=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
@@ -184,6 +193,7 @@ def masking(
         masks=plan.treedef.unflatten(masks),
         target_sparsity=targets,
         pruned_units=pruned,
+        pruned_nonzero=pruned_nonzero(plan, inputs),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -230,6 +240,18 @@ def apply_masks(plan: _plan.Plan, inputs: _rules.MaskInputs, masks: list) -> Any
       jnp.where(m, u, -p.astype(jnp.result_type(u))) if pruned else u
       for u, p, m, pruned in zip(inputs.updates, inputs.params, masks, plan.pruned)
   ])
+
+
+def pruned_nonzero(plan: _plan.Plan, inputs: _rules.MaskInputs) -> jax.Array:
+  """Entries pruned by the masks in force that are not 0 in ``inputs.params``.
+
+  Pruned weights are exactly 0 after every step when this transformation is
+  the last link of the chain; a link after it (``chain(pruning, adamw)``)
+  moves them again. Counted in the state, never raised from inside the step.
+  """
+  counts = [jnp.sum((p != 0) & ~m, dtype=jnp.int32)
+            for p, m, pruned in zip(inputs.params, inputs.masks, plan.pruned) if pruned]
+  return sum(counts, jnp.zeros((), jnp.int32))
 
 
 def _flatten(plan: _plan.Plan, tree: Any, name: str) -> list:
@@ -295,8 +317,13 @@ def find_pruning_state(opt_state) -> MagnitudePruningState:
       if isinstance(x, MagnitudePruningState)
   ]
   if len(found) != 1:
+    hint = "" if found else (
+        " Pass the optimizer state itself: `train_state.opt_state` for a flax"
+        " `TrainState`, `optimizer.opt_state` for an `nnx.Optimizer` (not"
+        " `nnx.state(optimizer)`), the state `tx.init` returned for a plain"
+        " optax chain.")
     raise ValueError(
         "`opt_state` must hold exactly one MagnitudePruningState (from"
-        f" `optax_prune.magnitude_pruning`); found {len(found)}."
+        f" `optax_prune.magnitude_pruning`); found {len(found)}.{hint}"
     )
   return found[0]

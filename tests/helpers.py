@@ -62,7 +62,7 @@ def pruned_units(granularity, mask):
   mask = np.asarray(mask)
   if granularity is None or isinstance(granularity, type(optax_prune.unstructured())):
     return int((~mask).sum())
-  if isinstance(granularity, type(optax_prune.n_of_m())):
+  if isinstance(granularity, type(optax_prune.n_of_m(axis=0))):
     groups = np.moveaxis(mask, granularity.axis, -1)
     groups = groups.reshape(-1, granularity.m)
     return int((groups.sum(-1) < granularity.m).sum())  # Made N:M-sparse.

@@ -166,3 +166,139 @@ def test_a_group_past_int32_entries_is_refused_at_init():
     jax.eval_shape(optax_prune.magnitude_pruning(0.5, scope="global").init, params)
   # Per layer each group fits.
   jax.eval_shape(optax_prune.magnitude_pruning(0.5).init, params)
+
+
+# Misuses that used to pass silently (issue: no silent mistakes).
+
+
+def test_pruning_before_the_optimizer_is_counted_and_shown():
+  from tests import helpers
+  results = {}
+  for order in ("last", "first"):
+    pruning = optax_prune.magnitude_pruning(0.5)
+    tx = (optax.chain(optax.adamw(1e-2), pruning) if order == "last"
+          else optax.chain(pruning, optax.adamw(1e-2)))
+    step = helpers.make_step(tx)
+    params, state = helpers.params(), tx.init(helpers.params())
+    for _ in range(4):
+      params, state = step(params, state)
+    summary = optax_prune.sparsity_summary(
+        params, optax_prune.find_pruning_state(state).masks)
+    results[order] = (int(optax_prune.pruning_metrics(state)["pruning/pruned_nonzero"]),
+                      summary.pruned_nonzero, str(summary))
+  assert results["last"][:2] == (0, 0) and "WARNING" not in results["last"][2]
+  assert results["first"][0] > 0 and results["first"][1] > 0
+  assert "not zero. Is `magnitude_pruning` the last link" in results["first"][2]
+
+
+def _flax_params():
+  """Params of linen and nnx models with attention, embeddings and norms."""
+  import flax.linen as nn
+  from flax import nnx
+
+  class Linen(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      x = nn.Embed(11, 8)(tokens)
+      x = nn.SelfAttention(num_heads=2)(x)
+      x = nn.LayerNorm()(x)
+      x = nn.Conv(8, (3,))(x)
+      return nn.Dense(4)(x)
+
+  linen = Linen().init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32))["params"]
+
+  class Nnx(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(11, 8, rngs=rngs)
+      self.attention = nnx.MultiHeadAttention(
+          num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs)
+      self.norm = nnx.LayerNorm(8, rngs=rngs)
+      self.out = nnx.Linear(8, 4, rngs=rngs)
+
+  return linen, Nnx(nnx.Rngs(0))
+
+
+def test_default_where_prunes_flax_kernels_only():
+  from flax import nnx
+  linen, model = _flax_params()
+  masks = optax_prune.magnitude_pruning(0.5).init(linen).masks
+  pruned = sorted(jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_flatten_with_path(
+      masks, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+      if not isinstance(m, optax.MaskedNode))
+  assert pruned == [
+      "['Conv_0']['kernel']", "['Dense_0']['kernel']",
+      "['SelfAttention_0']['key']['kernel']", "['SelfAttention_0']['out']['kernel']",
+      "['SelfAttention_0']['query']['kernel']", "['SelfAttention_0']['value']['kernel']"]
+  # nnx: the same rule through nnx.Optimizer (paths end in `.value`).
+  optimizer = nnx.Optimizer(model, optax.chain(optax.adam(1e-3), optax_prune.magnitude_pruning(0.5)),
+                            wrt=nnx.Param)
+  state = optax_prune.find_pruning_state(optimizer.opt_state)
+  names = [jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_flatten_with_path(
+      nnx.to_pure_dict(state.masks) if hasattr(state.masks, "to_pure_dict") else state.masks,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+      if not isinstance(m, optax.MaskedNode) and getattr(m, "ndim", 0) >= 2]
+  assert len(names) == 5 and all("kernel" in n for n in names), names
+  assert not any("embed" in n or "bias" in n for n in names)
+  # Without any `kernel` (plain dicts): every floating leaf of ndim >= 2.
+  plain = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+  assert not isinstance(optax_prune.magnitude_pruning(0.5).init(plain).masks["w"], optax.MaskedNode)
+
+
+def test_nnx_paths_look_like_linen_ones_to_rules_and_predicates():
+  from flax import nnx
+  _, model = _flax_params()
+  by_name = lambda path, leaf: jax.tree_util.keystr(path).endswith("['kernel']")
+  anchored = optax_prune.by_path({r"\['out'\]\['kernel'\]$": 0.5}, default=None)
+  for tx in (optax_prune.magnitude_pruning(0.5, where=by_name),
+             optax_prune.magnitude_pruning(anchored)):
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    masks = jax.tree.leaves(optax_prune.find_pruning_state(optimizer.opt_state).masks)
+    assert masks and all(m.dtype == jnp.bool_ for m in masks)
+
+
+def test_a_rule_or_predicate_that_matches_nothing_is_an_error():
+  params = {"Dense_0": {"kernel": jnp.ones((2, 2))}, "Dense_1": {"kernel": jnp.ones((2, 2))}}
+  with pytest.raises(ValueError, match="`schedule`'s `by_path` rule 'Dnse_0' matches no leaf"):
+    optax_prune.magnitude_pruning(optax_prune.by_path({"Dnse_0": None}, default=0.5)).init(params)
+  with pytest.raises(ValueError, match="`where` selects no leaf"):
+    optax_prune.magnitude_pruning(0.5, where=lambda path, leaf: False).init(params)
+  with pytest.raises(ValueError, match="`where` must be called as `where\\(path, leaf\\)"):
+    optax_prune.magnitude_pruning(0.5, where=lambda leaf: leaf.ndim > 1).init(params)
+
+
+def test_find_pruning_state_says_where_to_look():
+  with pytest.raises(ValueError, match="found 0. Pass the optimizer state itself"):
+    optax_prune.find_pruning_state({"params": jnp.ones(2)})
+
+
+def test_inject_hyperparams_on_pruning_says_how_to_wrap_instead():
+  with pytest.raises(ValueError, match="`schedule` is a JAX array.*inject_hyperparams"):
+    optax.inject_hyperparams(optax_prune.magnitude_pruning)(schedule=0.5).init({"w": jnp.ones((2, 2))})
+
+
+def test_an_optax_schedule_is_adapted_or_refused_with_the_adapter_named():
+  ramp = optax.linear_schedule(0.0, 0.8, 100)
+  with pytest.raises(ValueError, match="from_optax_schedule"):
+    optax_prune.magnitude_pruning(ramp)
+  schedule = optax_prune.from_optax_schedule(ramp, every=25, begin_step=10)
+  steps = np.arange(120)
+  expected_update = (steps >= 10) & ((steps - 10) % 25 == 0)
+  got = jax.vmap(schedule)(jnp.asarray(steps))
+  np.testing.assert_array_equal(got.update, expected_update)
+  np.testing.assert_allclose(got.sparsity, np.minimum(steps, 100) * 0.008, atol=1e-6)
+  params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  tx = optax_prune.magnitude_pruning(schedule)
+  state = tx.init(params)._replace(count=jnp.int32(60))
+  assert int((~jax.jit(tx.update)(params, state, params)[1].masks["w"]).sum()) == round(0.48 * 16)
+
+
+def test_n_of_m_axis_is_required_and_packing_along_another_axis_is_refused():
+  with pytest.raises(TypeError, match="axis"):
+    optax_prune.n_of_m(2, 4)  # No default that could silently be the wrong axis.
+  kernel = jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)
+  tx = optax_prune.magnitude_pruning(1.0, granularity=optax_prune.n_of_m(2, 4, axis=0))
+  mask = tx.update({"w": kernel}, tx.init({"w": kernel}), {"w": kernel})[1].masks["w"]
+  packed = optax_prune.to_nm(kernel, mask, optax_prune.n_of_m(2, 4, axis=0))
+  np.testing.assert_array_equal(packed.todense(), jnp.where(mask, kernel, 0))
+  with pytest.raises(ValueError, match="keeps more than n=2 of every m=4 entries along axis 1"):
+    optax_prune.to_nm(kernel, mask, optax_prune.n_of_m(2, 4, axis=1))

@@ -151,10 +151,10 @@ def test_global_scope_ranks_units_of_one_granularity_together():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: optax_prune.n_of_m(4, 4), "`n`"),
-    (lambda: optax_prune.n_of_m(0, 4), "`n`"),
-    (lambda: optax_prune.n_of_m(2, 4.0), "`m`"),
-    (lambda: optax_prune.n_of_m(2, 512), "`m` must satisfy 1 <= n < m <= 256"),
+    (lambda: optax_prune.n_of_m(4, 4, axis=0), "`n`"),
+    (lambda: optax_prune.n_of_m(0, 4, axis=0), "`n`"),
+    (lambda: optax_prune.n_of_m(2, 4.0, axis=0), "`m`"),
+    (lambda: optax_prune.n_of_m(2, 512, axis=0), "`m` must satisfy 1 <= n < m <= 256"),
     (lambda: optax_prune.n_of_m(2, 4, axis="x"), "`axis`"),
     (lambda: optax_prune.blocks((4,)), "`shape`"),
     (lambda: optax_prune.blocks((0, 4)), r"`shape\[0\]`"),
@@ -190,7 +190,7 @@ def test_empty_leaves_have_no_units():
     np.testing.assert_array_equal(masks["a"][0], [False, False, True, True])
     assert masks["e"].shape == (0, 4)
   tx = optax_prune.magnitude_pruning(
-      0.5, granularity=optax_prune.n_of_m(2, 4), where=lambda p, x: True)
+      0.5, granularity=optax_prune.n_of_m(2, 4, axis=-1), where=lambda p, x: True)
   empty = {"w": jnp.zeros((0, 4)), "v": jnp.zeros((2, 0, 4))}
   masks = jax.jit(tx.update)(empty, tx.init(empty), empty)[1].masks
   assert masks["w"].shape == (0, 4) and masks["v"].shape == (2, 0, 4)

@@ -21,7 +21,7 @@ _arrays = hnp.arrays(
 
 @flax.struct.dataclass
 class _Block:  # A flax struct: two child subtrees and a static field.
-  kernel: Any
+  weight: Any  # Not `kernel`: the default `where` would then prune only kernels.
   extra: Any
   name: str = flax.struct.field(pytree_node=False, default="block")
 
