@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test schedules-plot clean
+.PHONY: demo test schedules-plot notebooks clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 schedules-plot: $(STAMP)
 	$(PY) scripts/plot_schedules.py
+
+notebooks: $(STAMP)
+	$(PY) scripts/run_notebooks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -32,11 +32,12 @@ def integer(
     maximum: Optional[int] = None,
 ) -> int:
   """``value`` as an int in [minimum, maximum] (either bound may be None)."""
-  bounds = " ".join(filter(None, (
-      None if minimum is None else f">= {minimum}",
-      None if maximum is None else f"<= {maximum}",
-  )))
-  what = f"an integer {bounds}".rstrip()
+  if minimum is not None and maximum is not None:
+    what = f"an integer in [{minimum}, {maximum}]"
+  elif minimum is not None:
+    what = f"an integer >= {minimum}"
+  else:
+    what = "an integer" if maximum is None else f"an integer <= {maximum}"
   if not is_integer(value):
     raise ValueError(
         f"`{name}` must be {what}; got {value!r} of type {type(value).__name__}."

@@ -95,6 +95,14 @@ def make_config(
         " `optax_prune.Granularity`), a pytree of those or `by_path` rules; it"
         f" holds {bad[0]!r}."
     )
+  for g in _paths.spec_values(granularity, is_granularity_leaf):
+    try:
+      hash(g)
+    except TypeError:
+      raise ValueError(
+          f"`granularity` {g!r} must be hashable (a frozen dataclass): leaves"
+          " with equal granularities are grouped."
+      ) from None
   if where is not None and not callable(where):
     bad = [w for w in jax.tree.leaves(where) if not isinstance(w, (bool, jnp.bool_))]
     if bad:
@@ -110,7 +118,7 @@ def make_config(
       granularity=granularity,
       distribution=shared,
       score=_scores.resolve(score),
-      seed=_checks.integer("seed", seed),
+      seed=_checks.integer("seed", seed, -2**63, 2**63 - 1),
   )
 
 

@@ -147,11 +147,6 @@ class NMSparse(NamedTuple):
   axis: int  # Non-negative.
   shape: tuple[int, ...]  # The dense shape.
 
-  @property
-  def granularity(self) -> _granularity.NOfM:
-    """The pattern, as the granularity that prunes to it."""
-    return _granularity.NOfM(self.n, self.m, self.axis)
-
   def todense(self) -> jax.Array:
     """The dense array, bitwise equal to ``jnp.where(mask, x, 0)``."""
     return _nm_todense(self.values, self.indices, n=self.n, m=self.m,
@@ -216,6 +211,7 @@ def _check_pattern(name: str, nm: Any) -> _granularity.NOfM:
         f"`{name}` must be an N:M granularity such as"
         f" `optax_prune.n_of_m(2, 4, axis=0)`; got {nm!r}."
     )
+  _granularity.check_n_m(nm.n, nm.m, f"`{name}.n`", f"`{name}.m`")
   return nm
 
 

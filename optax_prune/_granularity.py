@@ -60,9 +60,10 @@ class Granularity(Protocol):
 
   The mask update calls, per pruned leaf: ``unit_scores`` on the leaf's
   scores (an array of its shape), ranks the units' ``|score|`` with the exact
-  kernels (``round(s * units)`` pruned, ties by position in the unit scores'
-  row-major order), then ``expand`` to turn the unit decisions back into a
-  keep-mask of the leaf's shape.
+  kernels (the count the distribution gives: ``round(s * units)`` per leaf
+  when uniform; ties by position in the unit scores' row-major order), then
+  ``expand`` to turn the unit decisions back into a keep-mask of the leaf's
+  shape. Both are traced once at ``init`` to check them.
   """
 
   # Whether `unit_scores`/`expand` need the leaf whole on each device: under
@@ -238,8 +239,9 @@ class Channels:
 def check_n_m(n: Any, m: Any, name_n: str = "`n`", name_m: str = "`m`"):
   """``(n, m)`` as ints; raises unless ``1 <= n < m <= MAX_M``.
 
-  One rule for `n_of_m` and `to_nm`: ranking within a group compares all
-  m * m pairs, and the packed layout stores positions as uint8.
+  One rule for `n_of_m` and the exporters (`to_nm`, `export_size_report`):
+  ranking within a group compares all m * m pairs, and the packed layout
+  stores positions as uint8.
   """
   if not (_checks.is_integer(n) and _checks.is_integer(m)):
     raise ValueError(
@@ -352,6 +354,28 @@ def channels(*, axis: int = -1, norm: str = "l2") -> Channels:
   """
   norm = _checks.one_of("norm", norm, ("l1", "l2"))
   return Channels(_checks.integer("axis", axis), norm)
+
+
+def checked_unit_count(granularity: Granularity, path: str, shape: Sequence[int]) -> int:
+  """Units of a leaf of ``shape``, after tracing ``granularity`` on it abstractly.
+
+  A granularity of your own gets a ``ValueError`` naming the leaf when
+  ``unit_scores`` fails or ``expand`` does not return a bool mask of the
+  leaf's shape, instead of an error from inside ``jit``.
+  """
+  spec = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+  try:
+    units = jax.eval_shape(granularity.unit_scores, spec)
+    mask = jax.eval_shape(
+        granularity.expand, jax.ShapeDtypeStruct(units.shape, jnp.bool_), spec)
+  except Exception as e:  # Any failure here is the granularity's.
+    raise ValueError(f"granularity {granularity!r} failed on leaf {path}: {e}") from e
+  if getattr(mask, "shape", None) != tuple(shape) or mask.dtype != jnp.bool_:
+    raise ValueError(
+        f"granularity {granularity!r}: `expand` must return a bool mask of the"
+        f" leaf's shape; for leaf {path} of shape {tuple(shape)} it returned {mask}."
+    )
+  return math.prod(units.shape)
 
 
 def unit_count(granularity: Granularity, shape: Sequence[int]) -> int:

@@ -139,8 +139,8 @@ def default_where(path_leaves: list) -> list[bool]:
   any such ``kernel`` (plain dicts, equinox, haiku) fall back to every
   floating leaf with ``ndim >= 2``; the README shows the ``where`` to use there.
   """
-  matrix = [jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and jnp.ndim(leaf) >= 2
-            for _, leaf in path_leaves]
+  is_float = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+  matrix = [len(getattr(leaf, "shape", ())) >= 2 and is_float(leaf) for _, leaf in path_leaves]
   kernel = [m and leaf_name(path) == "kernel" for m, (path, _) in zip(matrix, path_leaves)]
   return kernel if any(kernel) else matrix
 

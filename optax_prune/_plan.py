@@ -93,6 +93,8 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
       or more.
   """
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if not path_leaves:  # Nothing to prune (also optax's `tree_map_params` placeholder).
+    return Plan(treedef=treedef, pruned=(), schedules=())
   leaves = [leaf for _, leaf in path_leaves]
   paths = [jax.tree_util.keystr(path) for path, _ in path_leaves]
   schedules = _paths.per_leaf(
@@ -175,7 +177,7 @@ def _leaf_plan(config, index: int, path: str, leaf: Any, granularity: Any) -> Le
   granularity.check(path, shape)
   config.score.check(path, leaf)
   return LeafPlan(index, path, shape, granularity,
-                  _granularity.unit_count(granularity, shape))
+                  _granularity.checked_unit_count(granularity, path, shape))
 
 
 def _group_plan(config, leaves: list[LeafPlan], params: list) -> GroupPlan:

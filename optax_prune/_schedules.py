@@ -13,8 +13,8 @@ clipping, so one compiled train step serves the whole run.
 The built-in schedules are frozen dataclasses, equal when their arguments are:
 leaves whose schedules are equal share a group (one global ranking, one ERK
 budget), whichever call built them. A plain number ``s`` means
-``constant_schedule(s)``, so equal numbers share a group too. Functions of
-your own are equal only to themselves.
+``constant_schedule(s)``, so equal numbers share a group too. Schedules of
+your own compare as Python compares them: a function only to itself.
 """
 
 from __future__ import annotations

@@ -183,8 +183,8 @@ def masking(
     inputs = _rules.MaskInputs(
         params=plan.treedef.flatten_up_to(params),
         updates=_flatten(plan, updates, "updates"),
-        masks=_state_masks(plan, state),
-        pruned_units=_per_leaf(plan, state.pruned_units),
+        masks=_state_masks(plan, state, params),
+        pruned_units=_per_leaf(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)),
         key=_scores.step_key(config.seed, state.count),
     )
     masks, targets, pruned = update_masks(plan, rule, inputs, state)
@@ -209,7 +209,7 @@ def update_masks(
   on update steps, with the schedule's sparsity; otherwise all is kept.
   """
   masks = list(inputs.masks)
-  targets = _per_leaf(plan, state.target_sparsity)
+  targets = _per_leaf(plan, jnp.asarray(state.target_sparsity).astype(jnp.float32))
   pruned = list(inputs.pruned_units)
   for schedule in plan.schedules:
     target = schedule.schedule(state.count)
@@ -261,7 +261,7 @@ def _flatten(plan: _plan.Plan, tree: Any, name: str) -> list:
     raise ValueError(f"`{name}` must have the structure of `params`: {e}") from e
 
 
-def _state_masks(plan: _plan.Plan, state: MagnitudePruningState) -> list:
+def _state_masks(plan: _plan.Plan, state: MagnitudePruningState, params: Any) -> list:
   """The state's masks as bool leaves (MaskedNode where unpruned).
 
   Raises a ``ValueError`` if the state was built for params of another
@@ -273,10 +273,13 @@ def _state_masks(plan: _plan.Plan, state: MagnitudePruningState) -> list:
     leaves = plan.treedef.flatten_up_to(state.masks)
   except (ValueError, TypeError):
     leaves = None
+  params = plan.treedef.flatten_up_to(params)
   if leaves is None or [_paths.is_masked(x) for x in leaves] != [
       not p for p in plan.pruned
   ] or any(jnp.shape(v) != (len(plan.pruned_indices),)
-           for v in (state.target_sparsity, state.pruned_units)):
+           for v in (state.target_sparsity, state.pruned_units)) or any(
+               jnp.shape(m) != jnp.shape(x)
+               for m, x, p in zip(leaves, params, plan.pruned) if p):
     raise ValueError(
         "`params` do not match the pruning state: it was built by `init`"
         " for params of another structure. Call `tx.init(params)` with the"

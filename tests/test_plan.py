@@ -172,3 +172,39 @@ def test_a_float_cast_of_the_state_changes_no_mask():
   jax.tree.map(np.testing.assert_array_equal,
                optax_prune.find_pruning_state(from_cast).masks,
                optax_prune.find_pruning_state(from_bool).masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FloatMask(_Rows):
+  """A faulty granularity: `expand` returns floats."""
+
+  def expand(self, unit_keep, scores):
+    return super().expand(unit_keep, scores).astype(jnp.float32)
+
+
+class _Unhashable(_Rows):
+  """A granularity that is not hashable (a mutable one)."""
+
+  __hash__ = None
+
+
+def test_a_faulty_granularity_of_your_own_is_refused_at_init():
+  params = {"w": jnp.ones((4, 4))}
+  with pytest.raises(ValueError, match="`expand` must return a bool mask of the leaf's shape"):
+    optax_prune.magnitude_pruning(0.5, granularity=_FloatMask()).init(params)
+  with pytest.raises(ValueError, match="must be hashable"):
+    optax_prune.magnitude_pruning(0.5, granularity=_Unhashable())
+
+
+def test_tree_map_params_works_with_prefix_settings_and_a_whole_cast_state():
+  params = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 4))}
+  tx = optax.chain(optax.adam(1e-3), optax_prune.magnitude_pruning(
+      {"a": 0.5, "b": None}, where={"a": True, "b": False}))
+  state = tx.init(params)
+  cast = optax.tree_utils.tree_map_params(tx, lambda x: x.astype(jnp.bfloat16), state)
+  assert optax_prune.find_pruning_state(cast).masks["a"].dtype == jnp.bfloat16
+  # Every floating leaf cast, counters and targets included: the update still runs.
+  everything = jax.tree.map(
+      lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+  _, new = jax.jit(tx.update)(params, everything, params)
+  assert int((~optax_prune.find_pruning_state(new).masks["a"]).sum()) == 8

@@ -109,3 +109,5 @@ def test_bad_scores_are_clear_errors_before_jit(score, match):
 def test_bad_seed_is_refused():
   with pytest.raises(ValueError, match="`seed`"):
     optax_prune.magnitude_pruning(0.5, score="random", seed=1.5)
+  with pytest.raises(ValueError, match=r"`seed` must be an integer in \[-9223372036854775808,"):
+    optax_prune.magnitude_pruning(0.5, score="random", seed=2**70)

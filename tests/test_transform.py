@@ -175,3 +175,10 @@ def test_masks_stay_fixed_between_updates():
   params = {"w": jnp.asarray([[0.0, 2.0], [3.0, 1e-6]])}
   _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   np.testing.assert_array_equal(state.masks["w"], [[False, True], [True, True]])
+
+
+def test_a_leaf_that_changes_shape_is_a_clear_error():
+  tx = optax_prune.magnitude_pruning(0.5)
+  state = tx.init({"w": jnp.ones((8, 8))})
+  with pytest.raises(ValueError, match="do not match the pruning state"):
+    tx.update({"w": jnp.ones((4, 4))}, state, {"w": jnp.ones((4, 4))})
