@@ -19,9 +19,9 @@ sparsity never recompiles.
 
 Methods:
 
-* ``"sort"`` (reference): sorts the keys (of a group: their concatenation)
-  and reads the k-th smallest; ties are ranked with a cumulative sum. Memory:
-  a sorted copy of the keys and an int32 rank per entry.
+* ``"sort"`` (reference): a stable sort of the keys (of a group: their
+  concatenation) ranks every entry; the ``k`` first are pruned. Memory: a
+  permutation and a rank (int32) per entry.
 * ``"bisect"`` (fast): finds the threshold key by a radix search over its 31
   (float64: 63) bits, each round counting entries below a candidate with one reduction over
   the parameters; all groups share one search loop. No sort and no copy of the
@@ -250,34 +250,32 @@ def masks_by_sort(
 ) -> list[jax.Array]:
   """Keep-masks by the sort reference; identical to ``masks_by_bisection``.
 
-  The threshold is the k-th smallest key of the sorted keys. For a group of
-  several leaves (global scope) this sorts their concatenated keys: simple and
-  obviously right, but it copies the group, and a leaf split over devices is
-  gathered whole onto each of them (an all-gather; under Explicit mesh axes an
-  explicit reshard, and the mask is resharded back). ``threshold="auto"``
-  therefore never picks it for large groups nor for split leaves.
-  ``k`` (uint32) entries are pruned.
+  A stable sort of the keys ranks every entry (ties by position: the earlier
+  leaf, then the lower flat index) and the ``k`` (uint32) first are pruned.
+  For a group of several leaves (global scope) this sorts their concatenated
+  keys: simple and obviously right, but it copies the group, and a leaf split
+  over devices is gathered whole onto each of them (an all-gather; under
+  Explicit mesh axes an explicit reshard, and the mask is resharded back).
+  ``threshold="auto"`` therefore never picks it for large groups nor for
+  split leaves.
   """
   n = sum(x.size for x in leaves)
   wide = needs_wide_keys(leaves)
   whole, shardings = zip(*map(_placement.gathered, leaves)) if leaves else ((), ())
-  keys = [magnitude_keys(x, wide).reshape(-1) for x in whole]
   if n == 0:
     return [jnp.ones(x.shape, jnp.bool_) for x in leaves]
-  ordered = jnp.sort(jnp.concatenate(keys) if len(keys) > 1 else keys[0])
-  # With k = 0 this reads the smallest key, and no entry is pruned below.
-  threshold = ordered[jnp.maximum(k.astype(jnp.int32) - 1, 0)]
-  less = [_count(key < threshold) for key in keys]
-  equal = [_count(key == threshold) for key in keys]
-  remaining = k - sum(less)
-  masks = []
-  for x, s, key, ties in zip(
-      leaves, shardings, keys, _ties_to_prune(equal, remaining)
-  ):
-    is_tie = key == threshold
-    tie_rank = jnp.cumsum(is_tie, dtype=jnp.uint32)  # 1-based among ties.
-    pruned = (key < threshold) | (is_tie & (tie_rank <= ties))
-    masks.append(_placement.put_back((~pruned).reshape(x.shape), s))
+  keys = [magnitude_keys(x, wide).reshape(-1) for x in whole]
+  order = jnp.argsort(jnp.concatenate(keys) if len(keys) > 1 else keys[0], stable=True)
+  # Each entry's rank, by inverting the permutation. (A threshold read from the
+  # sorted keys with a cumulative sum over its ties lost a unit at random
+  # inside a whole jitted train step on an H200, jax 0.11.2: a rank needs no scan.)
+  rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  pruned = rank < k.astype(jnp.int32)
+  masks, offset = [], 0
+  for x, sharding in zip(leaves, shardings):
+    leaf_pruned = pruned[offset:offset + x.size].reshape(x.shape)
+    masks.append(_placement.put_back(~leaf_pruned, sharding))
+    offset += x.size
   return masks
 
 
