@@ -369,19 +369,15 @@ def checked_unit_count(granularity: Granularity, path: str, shape: Sequence[int]
     mask = jax.eval_shape(
         granularity.expand, jax.ShapeDtypeStruct(units.shape, jnp.bool_), spec)
   except Exception as e:  # Any failure here is the granularity's.
-    raise ValueError(f"granularity {granularity!r} failed on leaf {path}: {e}") from e
+    raise ValueError(
+        f"granularity {granularity!r} failed on leaf {path}: {e}. Fix its"
+        " `unit_scores`/`expand`, or give this leaf another granularity"
+        " (a pytree prefix or `by_path` rules)."
+    ) from e
   if getattr(mask, "shape", None) != tuple(shape) or mask.dtype != jnp.bool_:
     raise ValueError(
         f"granularity {granularity!r}: `expand` must return a bool mask of the"
         f" leaf's shape; for leaf {path} of shape {tuple(shape)} it returned {mask}."
+        " Return `unit_keep` broadcast back to the leaf, as `channels` does."
     )
   return math.prod(units.shape)
-
-
-def unit_count(granularity: Granularity, shape: Sequence[int]) -> int:
-  """Number of units of a leaf of ``shape`` (static; any granularity)."""
-  return math.prod(
-      jax.eval_shape(
-          granularity.unit_scores, jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-      ).shape
-  )

@@ -180,10 +180,11 @@ def masking(
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
     plan = _plan.make_plan(config, params)
+    param_leaves = plan.treedef.flatten_up_to(params)
     inputs = _rules.MaskInputs(
-        params=plan.treedef.flatten_up_to(params),
+        params=param_leaves,
         updates=_flatten(plan, updates, "updates"),
-        masks=_state_masks(plan, state, params),
+        masks=_state_masks(plan, state, param_leaves),
         pruned_units=_per_leaf(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)),
         key=_scores.step_key(config.seed, state.count),
     )
@@ -261,7 +262,7 @@ def _flatten(plan: _plan.Plan, tree: Any, name: str) -> list:
     raise ValueError(f"`{name}` must have the structure of `params`: {e}") from e
 
 
-def _state_masks(plan: _plan.Plan, state: MagnitudePruningState, params: Any) -> list:
+def _state_masks(plan: _plan.Plan, state: MagnitudePruningState, params: list) -> list:
   """The state's masks as bool leaves (MaskedNode where unpruned).
 
   Raises a ``ValueError`` if the state was built for params of another
@@ -273,7 +274,6 @@ def _state_masks(plan: _plan.Plan, state: MagnitudePruningState, params: Any) ->
     leaves = plan.treedef.flatten_up_to(state.masks)
   except (ValueError, TypeError):
     leaves = None
-  params = plan.treedef.flatten_up_to(params)
   if leaves is None or [_paths.is_masked(x) for x in leaves] != [
       not p for p in plan.pruned
   ] or any(jnp.shape(v) != (len(plan.pruned_indices),)
