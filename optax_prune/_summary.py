@@ -37,6 +37,10 @@ class SparsitySummary(NamedTuple):
   sparsity: float  # Over all leaves: pruned (or zeros, without masks) / size.
   masked_sparsity: Optional[float]  # Over the leaves that have masks only.
   pruned_nonzero: Optional[int] = None  # Over all leaves (None without masks).
+  # From a pruning state passed as `masks` (else None): its step count, and
+  # the steps whose updates were 0 on every pruned leaf.
+  steps: Optional[int] = None
+  zero_update_steps: Optional[int] = None
 
   def __str__(self) -> str:
     cells = lambda path, shape, size, zeros, pruned, sparsity: (
@@ -54,6 +58,9 @@ class SparsitySummary(NamedTuple):
     table = _tables.format_table(header, body, footer, left=2)
     if self.pruned_nonzero:
       table += "\n" + _PRUNED_NONZERO_WARNING.format(n=self.pruned_nonzero)
+    if counts_micro_batches(self.steps, self.zero_update_steps):
+      table += "\n" + _ZERO_UPDATES_WARNING.format(
+          n=self.zero_update_steps, steps=self.steps)
     return table
 
 
@@ -62,6 +69,31 @@ _PRUNED_NONZERO_WARNING = (
     " link of the chain? `optax.chain(optax.adamw(...), magnitude_pruning(...))`"
     " keeps them at exactly 0; a link after it moves them again."
 )
+
+
+_ZERO_UPDATES_WARNING = (
+    "WARNING: {n} of {steps} steps brought all-zero updates to the pruned"
+    " leaves, and the pruning schedule counted each as a step. Does an"
+    " `optax.MultiSteps` come before `magnitude_pruning` in the chain? It"
+    " passes zeros on every micro-batch but the last; wrap the whole chain"
+    " instead: `optax.MultiSteps(optax.chain(adamw, magnitude_pruning(...)), k)`."
+)
+
+
+def counts_micro_batches(steps: Optional[int], zero_update_steps: Optional[int]) -> bool:
+  """Whether at least half of the steps (and two or more) had zero updates.
+
+  A learning rate warmed up from 0 gives one such step; ``MultiSteps(k)``
+  before the pruning link gives ``(k - 1) / k`` of them.
+  """
+  if not steps or zero_update_steps is None:
+    return False
+  return zero_update_steps >= 2 and 2 * zero_update_steps >= steps
+
+
+def _holds_pruning_state(tree: Any) -> bool:
+  is_state = lambda x: isinstance(x, _transform.MagnitudePruningState)
+  return any(is_state(x) for x in jax.tree.leaves(tree, is_leaf=is_state))
 
 
 def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
@@ -73,9 +105,10 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
 
   Args:
     tree: a pytree of arrays, e.g. params.
-    masks: optional keep-masks, e.g. ``find_pruning_state(opt_state).masks``.
-      Pruned counts are then read from the masks, not from zeros: a kept
-      weight can be zero by chance.
+    masks: optional keep-masks, e.g. ``find_pruning_state(opt_state).masks``,
+      or the optimizer state itself (its pruning state's masks are used, and
+      its step counters reported). Pruned counts are then read from the
+      masks, not from zeros: a kept weight can be zero by chance.
 
   Returns:
     A :class:`SparsitySummary`; ``print`` it for a table.
@@ -86,6 +119,11 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
     >>> summary.rows[0].zeros, summary.sparsity
     (1, 0.5)
   """
+  steps = zero_update_steps = None
+  if masks is not None and _holds_pruning_state(masks):
+    state = _transform.find_pruning_state(masks)
+    masks, steps, zero_update_steps = (
+        state.masks, int(state.count), int(state.zero_update_steps))
   path_leaves, mask_leaves = _paths.pair_masks(tree, masks, "tree")
   rows = []
   for (path, leaf), mask in zip(path_leaves, mask_leaves):
@@ -123,6 +161,7 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
       sparsity=counted / size if size else 0.0,
       masked_sparsity=masked_sparsity,
       pruned_nonzero=None if masks is None else sum(r.pruned_nonzero or 0 for r in rows),
+      steps=steps, zero_update_steps=zero_update_steps,
   )
 
 
@@ -136,6 +175,9 @@ def pruning_metrics(opt_state: Any) -> dict[str, jax.Array]:
   * ``"pruning/pruned_nonzero"``: entries pruned but not 0 at the last step,
     0 when ``magnitude_pruning`` is last in the chain (anything else means a
     link after it moves pruned weights);
+  * ``"pruning/zero_update_steps"``: steps whose updates were 0 on every
+    pruned leaf; near the step count, the schedule counts micro-batches (an
+    ``optax.MultiSteps`` before the pruning link);
   * ``"pruning/target/<path>"`` per pruned leaf: the sparsity asked of it.
 
   Args:
@@ -151,7 +193,7 @@ def pruning_metrics(opt_state: Any) -> dict[str, jax.Array]:
     >>> params = {"w": jnp.arange(4.0).reshape(2, 2)}
     >>> _, state = tx.update(params, tx.init(params), params)
     >>> {k: float(v) for k, v in optax_prune.pruning_metrics(state).items()}
-    {'pruning/step': 1.0, 'pruning/sparsity': 0.5, 'pruning/pruned_nonzero': 0.0, "pruning/target/['w']": 0.5}
+    {'pruning/step': 1.0, 'pruning/sparsity': 0.5, 'pruning/pruned_nonzero': 0.0, 'pruning/zero_update_steps': 0.0, "pruning/target/['w']": 0.5}
   """
   state = _transform.find_pruning_state(opt_state)
   masks = [(jax.tree_util.keystr(path), m) for path, m in
@@ -163,6 +205,7 @@ def pruning_metrics(opt_state: Any) -> dict[str, jax.Array]:
       "pruning/step": state.count,
       "pruning/sparsity": pruned / max(size, 1),
       "pruning/pruned_nonzero": state.pruned_nonzero,
+      "pruning/zero_update_steps": state.zero_update_steps,
   }
   for (path, _), target in zip(masks, state.target_sparsity):
     metrics[f"pruning/target/{path}"] = target

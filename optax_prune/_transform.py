@@ -36,8 +36,8 @@ class MagnitudePruningState(NamedTuple):
   ``masks`` has the params' structure, so ``optax.tree_utils.tree_map_params``
   maps it with the params (pass ``is_leaf=lambda x: isinstance(x,
   optax.MaskedNode)`` when ``rest`` trees are given, as for ``optax.masked``);
-  ``count``, ``target_sparsity``, ``pruned_units`` and ``pruned_nonzero``
-  are not params-shaped and are left to
+  ``count``, ``target_sparsity``, ``pruned_units``, ``pruned_nonzero`` and
+  ``zero_update_steps`` are not params-shaped and are left to
   ``transform_non_params``. Masks are read as ``mask != 0``, so a float cast
   of the state (to bf16, say) changes no decision.
   """
@@ -55,6 +55,11 @@ class MagnitudePruningState(NamedTuple):
   #                            prune but that were not 0 in the params of the
   #                            last update. Always 0 when this transformation
   #                            is last in the chain; see `pruning_metrics`.
+  zero_update_steps: jax.Array  # int32 scalar: steps whose incoming updates
+  #                               were 0 on every pruned leaf. The schedule
+  #                               counts them as steps: a step count made of
+  #                               micro-batches (`chain(MultiSteps(...),
+  #                               pruning)`) shows here.
 
 
 def magnitude_pruning(
@@ -174,6 +179,7 @@ def masking(
         target_sparsity=jnp.zeros(len(plan.pruned_indices), jnp.float32),
         pruned_units=jnp.zeros(len(plan.pruned_indices), jnp.int32),
         pruned_nonzero=jnp.zeros((), jnp.int32),
+        zero_update_steps=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
@@ -195,6 +201,9 @@ def masking(
         target_sparsity=targets,
         pruned_units=pruned,
         pruned_nonzero=pruned_nonzero(plan, inputs),
+        zero_update_steps=jnp.where(
+            all_zero(plan, inputs), optax.safe_int32_increment(state.zero_update_steps),
+            state.zero_update_steps),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -253,6 +262,17 @@ def pruned_nonzero(plan: _plan.Plan, inputs: _rules.MaskInputs) -> jax.Array:
   counts = [jnp.sum((p != 0) & ~m, dtype=jnp.int32)
             for p, m, pruned in zip(inputs.params, inputs.masks, plan.pruned) if pruned]
   return sum(counts, jnp.zeros((), jnp.int32))
+
+
+def all_zero(plan: _plan.Plan, inputs: _rules.MaskInputs) -> jax.Array:
+  """Whether the incoming updates are 0 on every pruned leaf (bool scalar).
+
+  ``optax.MultiSteps`` before this link passes zeros on every micro-batch
+  but the last, so the schedule would count micro-batches; counted in the
+  state (``zero_update_steps``), shown by ``sparsity_summary``.
+  """
+  moved = [jnp.any(u != 0) for u, pruned in zip(inputs.updates, plan.pruned) if pruned]
+  return ~jnp.any(jnp.stack(moved)) if moved else jnp.zeros((), bool)
 
 
 def _flatten(plan: _plan.Plan, tree: Any, name: str) -> list:

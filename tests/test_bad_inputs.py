@@ -191,6 +191,45 @@ def test_pruning_before_the_optimizer_is_counted_and_shown():
   assert "not zero. Is `magnitude_pruning` the last link" in results["first"][2]
 
 
+
+def test_multisteps_before_pruning_is_counted_and_shown():
+  from tests import helpers
+  results = {}
+  for order in ("outside", "inside"):
+    pruning = optax_prune.magnitude_pruning(0.5)
+    tx = (optax.chain(optax.MultiSteps(optax.adam(1e-2), 4), pruning) if order == "inside"
+          else optax.MultiSteps(optax.chain(optax.adam(1e-2), pruning), 4))
+    step = helpers.make_step(tx)
+    params, state = helpers.params(), tx.init(helpers.params())
+    for _ in range(8):
+      params, state = step(params, state)
+    summary = optax_prune.sparsity_summary(params, state)  # The optimizer state itself.
+    metrics = optax_prune.pruning_metrics(state)
+    results[order] = (int(metrics["pruning/step"]), int(metrics["pruning/zero_update_steps"]),
+                      summary.steps, summary.zero_update_steps, str(summary))
+  # MultiSteps outside: 2 real steps, none idle. Inside (before pruning): 8
+  # micro-batches counted as steps, 6 of them with zero updates.
+  assert results["outside"][:4] == (2, 0, 2, 0)
+  assert "MultiSteps" not in results["outside"][4]
+  assert results["inside"][:4] == (8, 6, 8, 6)
+  assert "6 of 8 steps brought all-zero updates" in results["inside"][4]
+  assert "optax.MultiSteps(optax.chain(adamw, magnitude_pruning(...)), k)" in results["inside"][4]
+
+
+def test_a_single_zero_update_step_is_not_flagged():
+  # A learning rate warmed up from 0 gives one all-zero step: no warning.
+  from tests import helpers
+  lr = optax.linear_schedule(0.0, 1e-2, 4)
+  tx = optax.chain(optax.adam(lr), optax_prune.magnitude_pruning(0.5))
+  step = helpers.make_step(tx)
+  params, state = helpers.params(), tx.init(helpers.params())
+  for _ in range(3):
+    params, state = step(params, state)
+  summary = optax_prune.sparsity_summary(params, state)
+  assert (summary.steps, summary.zero_update_steps) == (3, 1)
+  assert "WARNING" not in str(summary)
+
+
 def _flax_params():
   """Params of linen and nnx models with attention, embeddings and norms."""
   import flax.linen as nn
