@@ -23,9 +23,11 @@ def block(tree):
 
 
 def time_side_by_side(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+    statistic: Callable[[list[float]], float] = statistics.median,
 ) -> dict[str, float]:
-  """Median seconds per call of each function, measured interleaved.
+  """Seconds per call of each function (median, or ``statistic`` of the
+  repeats), measured interleaved.
 
   Interleaving (a, b, a, b, ...) exposes every function to the same drift of a
   shared machine, so the ratios are fair even when absolute times wander.
@@ -39,7 +41,7 @@ def time_side_by_side(
       start = time.perf_counter()
       block(fn())
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  return {name: statistic(ts) for name, ts in times.items()}
 
 
 def machine() -> dict:

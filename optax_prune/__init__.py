@@ -2,6 +2,12 @@
 
 from importlib import metadata as _metadata
 
+from optax_prune._compact import compact
+from optax_prune._compact import CompactLeaf
+from optax_prune._compact import CompactNMLeaf
+from optax_prune._compact import load_compact
+from optax_prune._compact import save_compact
+from optax_prune._compact import uncompact
 from optax_prune._export import export_size_report
 from optax_prune._export import ExportSizeReport
 from optax_prune._export import LeafExportSize
@@ -29,6 +35,7 @@ from optax_prune._thresholds import keep_masks
 from optax_prune._transform import find_pruning_state
 from optax_prune._transform import magnitude_pruning
 from optax_prune._transform import MagnitudePruningState
+from optax_prune._transform import unpack_masks
 
 try:
   __version__ = _metadata.version("optax-prune")
@@ -36,6 +43,8 @@ except _metadata.PackageNotFoundError:  # Imported from a source tree.
   __version__ = "0.0.0"
 
 __all__ = (
+    "CompactLeaf",
+    "CompactNMLeaf",
     "ExportSizeReport",
     "Granularity",
     "LeafExportSize",
@@ -48,19 +57,24 @@ __all__ = (
     "blocks",
     "by_path",
     "channels",
+    "compact",
     "constant_schedule",
     "export_size_report",
     "find_pruning_state",
     "from_optax_schedule",
     "keep_masks",
+    "load_compact",
     "log_schedule",
     "magnitude_pruning",
     "n_of_m",
     "nm_matmul",
     "polynomial_schedule",
     "pruning_metrics",
+    "save_compact",
     "sparsity_summary",
     "to_bcoo",
     "to_nm",
+    "uncompact",
+    "unpack_masks",
     "unstructured",
 )

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from optax_prune import _bits
 from optax_prune import _checks
 from optax_prune import _distributions
 from optax_prune import _granularity
@@ -52,6 +53,7 @@ class PruningConfig:
   distribution: _distributions.Distribution
   score: _scores.Score
   seed: int
+  mask_layout: _bits.MaskLayout  # Bool masks or packed bits in the state.
 
 
 def is_schedule_leaf(x: Any) -> bool:
@@ -72,11 +74,14 @@ def make_config(
     distribution: str = "uniform",
     score: Any = "magnitude",
     seed: int = 0,
+    packed_masks: bool = False,
 ) -> PruningConfig:
   """Checks ``magnitude_pruning``'s arguments; returns them as a config."""
   for name, value in (("schedule", schedule), ("seed", seed)):
     if any(isinstance(x, jax.Array) for x in jax.tree.leaves(value)):
       raise ValueError(_ARRAY_ARGUMENT_MSG.format(name=name))
+  if not isinstance(packed_masks, bool):
+    raise ValueError(f"`packed_masks` must be True or False, got {packed_masks!r}.")
   _checks.one_of("scope", scope, SCOPES)
   _checks.one_of("threshold", threshold, _thresholds.THRESHOLDS)
   shared = _distributions.resolve(distribution)
@@ -119,6 +124,7 @@ def make_config(
       distribution=shared,
       score=_scores.resolve(score),
       seed=_checks.integer("seed", seed, -2**63, 2**63 - 1),
+      mask_layout=_bits.MaskLayout(packed=packed_masks),
   )
 
 

@@ -270,20 +270,30 @@ def to_nm(x: Any, mask: Any, nm: _granularity.NOfM) -> NMSparse:
   pattern, problem = _nm_problem(values.shape, mask, nm)
   if problem:
     raise ValueError(problem)
-  n = pattern.n
+  packed, order, _ = _nm_pack_np(values, mask, pattern)
+  return NMSparse(
+      values=jnp.asarray(packed), indices=jnp.asarray(order),
+      n=pattern.n, m=pattern.m, axis=pattern.axis, shape=tuple(values.shape),
+  )
+
+
+def _nm_pack_np(values: np.ndarray, mask: np.ndarray, pattern: _granularity.NOfM):
+  """``to_nm``'s layout on the host: (values, uint8 positions, slot kept).
+
+  `pattern` has a non-negative axis and `mask` fits it (`_nm_problem`). The
+  third array (bool, the shape of the others) tells which slots hold a kept
+  entry; the others are padding.
+  """
   grouped, kept = pattern.groups(values), pattern.groups(mask)
   # A stable sort of "not kept" puts each group's kept positions first, in
   # position order, then its unused ones: the first n are the kept entries,
   # padded with distinct unused positions (there are m - n > 0 of them).
-  order = np.argsort(~kept, axis=-1, kind="stable")[..., :n]
+  order = np.argsort(~kept, axis=-1, kind="stable")[..., :pattern.n]
   slot_kept = np.take_along_axis(kept, order, axis=-1)
   packed = np.where(slot_kept, np.take_along_axis(grouped, order, axis=-1),
                     np.zeros((), values.dtype))
-  return NMSparse(
-      values=jnp.asarray(pattern.ungroup(packed)),
-      indices=jnp.asarray(pattern.ungroup(order.astype(np.uint8))),
-      n=n, m=pattern.m, axis=pattern.axis, shape=tuple(values.shape),
-  )
+  return (pattern.ungroup(packed), pattern.ungroup(order.astype(np.uint8)),
+          pattern.ungroup(slot_kept))
 
 
 def nm_matmul(inputs: Any, w: NMSparse, *, precision=None) -> jax.Array:

@@ -17,7 +17,10 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from optax_prune import _bits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +122,21 @@ def normalized(path: tuple) -> tuple:
   return path
 
 
+def readable(path: tuple) -> str:
+  """``path`` as a slash-separated name for loggers: ``Dense_0/kernel``."""
+  parts = []
+  for key in normalized(path):
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    else:
+      parts.append(str(getattr(key, "key", key)))
+  return "/".join(parts)
+
+
 def leaf_name(path: tuple) -> Optional[str]:
   """The leaf's own name: its last dict key or attribute (None for an index)."""
   path = normalized(path)
@@ -150,7 +168,7 @@ def is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def pair_masks(tree: Any, masks: Any, name: str) -> tuple[list, list]:
+def pair_masks(tree: Any, masks: Any, name: str, *, unpack: bool = True) -> tuple[list, list]:
   """``tree``'s (path, leaf) pairs and each leaf's mask (None: not pruned).
 
   ``masks`` is like the pruning state's: keep-masks and ``optax.MaskedNode``
@@ -174,4 +192,10 @@ def pair_masks(tree: Any, masks: Any, name: str) -> tuple[list, list]:
           f"`masks` must have the structure of `{name}`, as the pruning"
           " state's `masks` have for the params."
       ) from None
-  return path_leaves, [None if is_masked(m) else m for m in mask_leaves]
+  if not unpack:
+    return path_leaves, [None if is_masked(m) else m for m in mask_leaves]
+  # Packed masks (`packed_masks=True`) are read as bool masks here, on the host.
+  return path_leaves, [
+      None if is_masked(m) else
+      _bits.unpack_np(m, np.shape(x)) if hasattr(x, "shape") and _bits.is_packed_for(m, np.shape(x))
+      else m for m, (_, x) in zip(mask_leaves, path_leaves)]

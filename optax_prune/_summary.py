@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_prune import _bits
 from optax_prune import _paths
 from optax_prune import _tables
 from optax_prune import _transform
@@ -165,24 +168,32 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
   )
 
 
-def pruning_metrics(opt_state: Any) -> dict[str, jax.Array]:
+def pruning_metrics(opt_state: Any, params: Any = None) -> dict[str, jax.Array]:
   """Scalars for a logger (TensorBoard, wandb, ...), read from the pruning state.
 
-  Usable inside ``jit`` (no host transfer) or on a concrete state:
+  A flat dict keyed by readable, slash-separated paths (``Dense_0/kernel``),
+  usable inside ``jit`` (no host transfer) or on a concrete state:
 
   * ``"pruning/step"``: the state's step count;
   * ``"pruning/sparsity"``: pruned entries over the entries of pruned leaves;
   * ``"pruning/pruned_nonzero"``: entries pruned but not 0 at the last step,
-    0 when ``magnitude_pruning`` is last in the chain (anything else means a
-    link after it moves pruned weights);
-  * ``"pruning/zero_update_steps"``: steps whose updates were 0 on every
-    pruned leaf; near the step count, the schedule counts micro-batches (an
+    in the smallest pruned leaf (the per-step checks read that one); 0 when
+    ``magnitude_pruning`` is last in the chain (anything else means a link
+    after it moves pruned weights);
+  * ``"pruning/zero_update_steps"``: steps whose updates were 0 on that
+    leaf; near the step count, the schedule counts micro-batches (an
     ``optax.MultiSteps`` before the pruning link);
-  * ``"pruning/target/<path>"`` per pruned leaf: the sparsity asked of it.
+  * ``"pruning/sparsity/<path>"`` and ``"pruning/target/<path>"`` per pruned
+    leaf: its pruned fraction and the sparsity asked of it;
+  * with ``params``, ``"pruning/model_sparsity"``: pruned entries over all
+    entries of the params (leaves that are not pruned count as dense).
 
   Args:
     opt_state: an optimizer state holding one pruning state (see
       ``find_pruning_state``).
+    params: the params (arrays or ``jax.ShapeDtypeStruct``); needed for
+      packed masks (``packed_masks=True``), whose shapes do not give the
+      leaves' sizes, and for ``"pruning/model_sparsity"``.
 
   Returns:
     A dict of scalar arrays.
@@ -190,23 +201,42 @@ def pruning_metrics(opt_state: Any) -> dict[str, jax.Array]:
   Examples:
     >>> import jax.numpy as jnp, optax, optax_prune
     >>> tx = optax.chain(optax.adam(1e-3), optax_prune.magnitude_pruning(0.5))
-    >>> params = {"w": jnp.arange(4.0).reshape(2, 2)}
+    >>> params = {"w": jnp.arange(4.0).reshape(2, 2), "b": jnp.ones(4)}
     >>> _, state = tx.update(params, tx.init(params), params)
-    >>> {k: float(v) for k, v in optax_prune.pruning_metrics(state).items()}
-    {'pruning/step': 1.0, 'pruning/sparsity': 0.5, 'pruning/pruned_nonzero': 0.0, 'pruning/zero_update_steps': 0.0, "pruning/target/['w']": 0.5}
+    >>> {k: float(v) for k, v in optax_prune.pruning_metrics(state, params).items()}
+    {'pruning/step': 1.0, 'pruning/sparsity': 0.5, 'pruning/pruned_nonzero': 0.0, \
+'pruning/zero_update_steps': 0.0, 'pruning/sparsity/w': 0.5, 'pruning/target/w': 0.5, \
+'pruning/model_sparsity': 0.25}
   """
   state = _transform.find_pruning_state(opt_state)
-  masks = [(jax.tree_util.keystr(path), m) for path, m in
+  masks = [(path, m) for path, m in
            jax.tree_util.tree_flatten_with_path(state.masks, is_leaf=_paths.is_masked)[0]
            if not _paths.is_masked(m)]
-  size = sum(m.size for _, m in masks)
-  pruned = sum((jnp.sum(m == 0, dtype=jnp.int32) for _, m in masks), jnp.zeros((), jnp.int32))
+  if params is None:
+    packed = [p for p, m in masks if m.dtype == jnp.uint8]
+    if packed:
+      raise ValueError(
+          "`params` are needed to read packed masks (`packed_masks=True`):"
+          " call `pruning_metrics(opt_state, params)`.")
+    sizes = [m.size for _, m in masks]
+  else:
+    path_leaves, paired = _paths.pair_masks(params, state.masks, "params", unpack=False)
+    sizes = [math.prod(jnp.shape(x)) for (_, x), m in zip(path_leaves, paired)
+             if m is not None]
+  pruned = [size - _bits.kept_count(m) for size, (_, m) in zip(sizes, masks)]
+  total = sum(pruned, jnp.zeros((), jnp.int32))
   metrics = {
       "pruning/step": state.count,
-      "pruning/sparsity": pruned / max(size, 1),
+      "pruning/sparsity": total / max(sum(sizes), 1),
       "pruning/pruned_nonzero": state.pruned_nonzero,
       "pruning/zero_update_steps": state.zero_update_steps,
   }
+  for (path, _), size, n in zip(masks, sizes, pruned):
+    metrics[f"pruning/sparsity/{_paths.readable(path)}"] = n / max(size, 1)
   for (path, _), target in zip(masks, state.target_sparsity):
-    metrics[f"pruning/target/{path}"] = target
+    metrics[f"pruning/target/{_paths.readable(path)}"] = target
+  if params is not None:
+    entries = sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params)
+                  if hasattr(x, "shape"))
+    metrics["pruning/model_sparsity"] = total / max(entries, 1)
   return metrics

@@ -9,13 +9,14 @@ step :func:`apply_masks` shapes the updates. This module only wires them.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
+from optax_prune import _bits
 from optax_prune import _config
 from optax_prune import _paths
 from optax_prune import _placement
@@ -44,20 +45,25 @@ class MagnitudePruningState(NamedTuple):
 
   count: jax.Array  # int32 scalar: optimizer steps taken so far.
   masks: Any  # Like params: bool arrays (True = kept) for pruned leaves,
-  #              `optax.MaskedNode()` for leaves that are never pruned.
+  #              `optax.MaskedNode()` for leaves that are never pruned. With
+  #              `packed_masks=True`, uint8 bits along the last axis
+  #              (`unpack_masks` reads them).
   target_sparsity: jax.Array  # float32 (pruned leaves,): the sparsity asked
   #                             of each pruned leaf, in the order of
   #                             `jax.tree.leaves(masks)`, at its last mask
   #                             update (of its units; with "erk", its share).
   pruned_units: jax.Array  # int32 (pruned leaves,), same order: the units
   #                          each pruned leaf has lost (exact counts).
-  pruned_nonzero: jax.Array  # int32 scalar: entries that the masks in force
-  #                            prune but that were not 0 in the params of the
-  #                            last update. Always 0 when this transformation
-  #                            is last in the chain; see `pruning_metrics`.
+  # Per-step checks read one leaf, the smallest pruned one (the sentinel):
+  # the mistakes they catch touch every leaf alike, and a read of all params
+  # would cost 10-20% of a memory-bound step.
+  pruned_nonzero: jax.Array  # int32 scalar: entries of the sentinel that the
+  #                            masks in force prune but that were not 0 in the
+  #                            params of the last update. Always 0 when this
+  #                            transformation is last in the chain.
   zero_update_steps: jax.Array  # int32 scalar: steps whose incoming updates
-  #                               were 0 on every pruned leaf. The schedule
-  #                               counts them as steps: a step count made of
+  #                               were 0 on the sentinel. The schedule counts
+  #                               them as steps: a step count made of
   #                               micro-batches (`chain(MultiSteps(...),
   #                               pruning)`) shows here.
 
@@ -72,6 +78,7 @@ def magnitude_pruning(
     distribution: str = "uniform",
     score: Union[str, _scores.ScoreFn] = "magnitude",
     seed: int = 0,
+    packed_masks: bool = False,
 ) -> optax.GradientTransformation:
   r"""Gradual magnitude pruning as the last link of an optax chain.
 
@@ -134,6 +141,10 @@ def magnitude_pruning(
       reproducible, also after a resume), or a callable
       ``score(param, update, key) -> array`` of the param's shape.
     seed: integer seed of the keys passed to ``score``.
+    packed_masks: store the masks in the state as bits (uint8, 8 entries per
+      byte along each leaf's last axis) instead of one bool per entry: 8x
+      smaller, unpacked inside the jitted step where read. A packed mask keeps
+      its param's ``PartitionSpec``; read it with :func:`unpack_masks`.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
@@ -156,7 +167,8 @@ def magnitude_pruning(
   """
   config = _config.make_config(
       schedule, where=where, scope=scope, threshold=threshold,
-      granularity=granularity, distribution=distribution, score=score, seed=seed)
+      granularity=granularity, distribution=distribution, score=score, seed=seed,
+      packed_masks=packed_masks)
   return masking(config, _rules.prune_smallest)
 
 
@@ -169,9 +181,11 @@ def masking(
   rule gives another method with the same state, plan and guarantees.
   """
 
+  layout = config.mask_layout
+
   def init_fn(params):
     plan = _plan.make_plan(config, params)
-    masks = [_placement.ones_like(x) if p else optax.MaskedNode()
+    masks = [layout.store(_placement.ones_like(x)) if p else optax.MaskedNode()
              for x, p in zip(plan.treedef.flatten_up_to(params), plan.pruned)]
     return MagnitudePruningState(
         count=jnp.zeros((), jnp.int32),
@@ -187,22 +201,31 @@ def masking(
       raise ValueError(_NO_PARAMS_MSG)
     plan = _plan.make_plan(config, params)
     param_leaves = plan.treedef.flatten_up_to(params)
-    inputs = _rules.MaskInputs(
-        params=param_leaves,
-        updates=_flatten(plan, updates, "updates"),
-        masks=_state_masks(plan, state, param_leaves),
-        pruned_units=_per_leaf(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)),
-        key=_scores.step_key(config.seed, state.count),
-    )
-    masks, targets, pruned = update_masks(plan, rule, inputs, state)
-    return apply_masks(plan, inputs, masks), MagnitudePruningState(
+    update_leaves = _flatten(plan, updates, "updates")
+    stored = _state_masks(plan, state, param_leaves, layout)
+
+    def inputs():
+      # Called where the masks are read: inside a mask update's branch, so
+      # packed masks are unpacked there and not carried into the branch.
+      return _rules.MaskInputs(
+          params=param_leaves,
+          updates=update_leaves,
+          masks=_read(plan, layout, stored, param_leaves),
+          pruned_units=_per_leaf(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)),
+          key=_scores.step_key(config.seed, state.count),
+      )
+
+    now = inputs()
+    new_stored, targets, pruned = update_masks(plan, rule, inputs, state, stored, layout)
+    masks = _read(plan, layout, new_stored, param_leaves)
+    return apply_masks(plan, now, masks), MagnitudePruningState(
         count=optax.safe_int32_increment(state.count),
-        masks=plan.treedef.unflatten(masks),
+        masks=plan.treedef.unflatten(new_stored),
         target_sparsity=targets,
         pruned_units=pruned,
-        pruned_nonzero=pruned_nonzero(plan, inputs),
+        pruned_nonzero=pruned_nonzero(plan, now),
         zero_update_steps=jnp.where(
-            all_zero(plan, inputs), optax.safe_int32_increment(state.zero_update_steps),
+            all_zero(plan, now), optax.safe_int32_increment(state.zero_update_steps),
             state.zero_update_steps),
     )
 
@@ -210,22 +233,29 @@ def masking(
 
 
 def update_masks(
-    plan: _plan.Plan, rule: _rules.MaskRule, inputs: _rules.MaskInputs,
-    state: MagnitudePruningState,
+    plan: _plan.Plan, rule: _rules.MaskRule, inputs: Callable[[], _rules.MaskInputs],
+    state: MagnitudePruningState, stored: list, layout: _bits.MaskLayout,
 ) -> tuple[list, jax.Array, jax.Array]:
-  """Masks (flat, like params), targets and pruned units after this step.
+  """Masks as stored (flat, like params), targets and pruned units after this step.
 
   One ``lax.cond`` per schedule, on its ``update`` flag: the rule runs only
-  on update steps, with the schedule's sparsity; otherwise all is kept.
+  on update steps, with the schedule's sparsity and ``inputs()`` (built inside
+  the branch), and its masks are stored in ``layout``; otherwise the stored
+  masks pass through untouched.
   """
-  masks = list(inputs.masks)
+  masks = list(stored)
   targets = _per_leaf(plan, jnp.asarray(state.target_sparsity).astype(jnp.float32))
-  pruned = list(inputs.pruned_units)
+  pruned = list(_per_leaf(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)))
+
+  def run(schedule, sparsity):
+    new = rule(schedule, sparsity, inputs())
+    return new._replace(masks=[layout.store(m) for m in new.masks])
+
   for schedule in plan.schedules:
     target = schedule.schedule(state.count)
     indices = [leaf.index for leaf in schedule.leaves]
     old = _rules.MaskUpdate(*([field[i] for i in indices] for field in (masks, targets, pruned)))
-    new = lax.cond(target.update, lambda s=schedule, x=target.sparsity: rule(s, x, inputs),
+    new = lax.cond(target.update, lambda s=schedule, x=target.sparsity: run(s, x),
                    lambda old=old: old)
     for field, values in zip((masks, targets, pruned), new):
       for i, value in zip(indices, values):
@@ -233,6 +263,12 @@ def update_masks(
   stack = lambda values, dtype: jnp.asarray(
       [values[i] for i in plan.pruned_indices], dtype).reshape(-1)
   return masks, stack(targets, jnp.float32), stack(pruned, jnp.int32)
+
+
+def _read(plan: _plan.Plan, layout: _bits.MaskLayout, stored: list, params: list) -> list:
+  """Stored masks as bool keep-masks (MaskedNode where unpruned)."""
+  return [layout.read(m, jnp.shape(x)) if p else m
+          for m, x, p in zip(stored, params, plan.pruned)]
 
 
 def _per_leaf(plan: _plan.Plan, vector: jax.Array) -> list:
@@ -253,26 +289,33 @@ def apply_masks(plan: _plan.Plan, inputs: _rules.MaskInputs, masks: list) -> Any
 
 
 def pruned_nonzero(plan: _plan.Plan, inputs: _rules.MaskInputs) -> jax.Array:
-  """Entries pruned by the masks in force that are not 0 in ``inputs.params``.
+  """Entries of the sentinel leaf (``plan.sentinel``, the smallest pruned one)
+  that the masks in force prune but that are not 0 in ``inputs.params``.
 
   Pruned weights are exactly 0 after every step when this transformation is
   the last link of the chain; a link after it (``chain(pruning, adamw)``)
-  moves them again. Counted in the state, never raised from inside the step.
+  moves them again, in every leaf. Counted in the state, never raised from
+  inside the step; ``sparsity_summary`` counts every leaf on the host.
   """
-  counts = [jnp.sum((p != 0) & ~m, dtype=jnp.int32)
-            for p, m, pruned in zip(inputs.params, inputs.masks, plan.pruned) if pruned]
-  return sum(counts, jnp.zeros((), jnp.int32))
+  i = plan.sentinel
+  if i is None:
+    return jnp.zeros((), jnp.int32)
+  return jnp.sum((inputs.params[i] != 0) & ~inputs.masks[i], dtype=jnp.int32)
 
 
 def all_zero(plan: _plan.Plan, inputs: _rules.MaskInputs) -> jax.Array:
-  """Whether the incoming updates are 0 on every pruned leaf (bool scalar).
+  """Whether the incoming updates of the sentinel leaf are all 0 (bool scalar).
 
-  ``optax.MultiSteps`` before this link passes zeros on every micro-batch
-  but the last, so the schedule would count micro-batches; counted in the
-  state (``zero_update_steps``), shown by ``sparsity_summary``.
+  ``optax.MultiSteps`` before this link passes zeros to every leaf on every
+  micro-batch but the last, so the schedule would count micro-batches;
+  counted in the state (``zero_update_steps``), shown by ``sparsity_summary``.
   """
-  moved = [jnp.any(u != 0) for u, pruned in zip(inputs.updates, plan.pruned) if pruned]
-  return ~jnp.any(jnp.stack(moved)) if moved else jnp.zeros((), bool)
+  i = plan.sentinel
+  if i is None:
+    return jnp.zeros((), bool)
+  # A sum of |u| is 0 only if every entry is (NaN stays NaN); XLA's CPU
+  # backend reduces it faster than a fused `any(u != 0)`.
+  return jnp.sum(jnp.abs(inputs.updates[i]), dtype=jnp.float32) == 0
 
 
 def _flatten(plan: _plan.Plan, tree: Any, name: str) -> list:
@@ -282,11 +325,12 @@ def _flatten(plan: _plan.Plan, tree: Any, name: str) -> list:
     raise ValueError(f"`{name}` must have the structure of `params`: {e}") from e
 
 
-def _state_masks(plan: _plan.Plan, state: MagnitudePruningState, params: list) -> list:
-  """The state's masks as bool leaves (MaskedNode where unpruned).
+def _state_masks(plan: _plan.Plan, state: MagnitudePruningState, params: list,
+                 layout: _bits.MaskLayout) -> list:
+  """The state's masks as stored (MaskedNode where unpruned), in their dtype.
 
   Raises a ``ValueError`` if the state was built for params of another
-  structure.
+  structure, or with the other mask layout.
   """
   try:
     # Up to the params' leaves: a MaskedNode stands where a leaf is unpruned
@@ -298,16 +342,56 @@ def _state_masks(plan: _plan.Plan, state: MagnitudePruningState, params: list) -
       not p for p in plan.pruned
   ] or any(jnp.shape(v) != (len(plan.pruned_indices),)
            for v in (state.target_sparsity, state.pruned_units)) or any(
-               jnp.shape(m) != jnp.shape(x)
+               jnp.shape(m) != layout.stored_shape(jnp.shape(x))
                for m, x, p in zip(leaves, params, plan.pruned) if p):
     raise ValueError(
         "`params` do not match the pruning state: it was built by `init`"
         " for params of another structure. Call `tx.init(params)` with the"
         " params you update."
     )
-  # `!= 0` undoes a float cast of the whole state (`tree_map_params`).
-  return [m if _paths.is_masked(m) or m.dtype == jnp.bool_ else m != 0
-          for m in leaves]
+  wrong = jnp.bool_ if layout.packed else jnp.uint8
+  if any(m.dtype == wrong for m, p in zip(leaves, plan.pruned) if p):
+    raise ValueError(
+        f"The pruning state holds {'bool' if layout.packed else 'packed (uint8)'}"
+        f" masks, but this transformation has `packed_masks={layout.packed}`:"
+        " build it with the setting the state was made with (or `init` anew).")
+  # A float cast of the whole state (`tree_map_params`) is undone here.
+  return [layout.normalized(m) if p else m for m, p in zip(leaves, plan.pruned)]
+
+
+def unpack_masks(masks: Any, params: Any) -> Any:
+  """Bool keep-masks from a pruning state's ``masks``, packed or not.
+
+  Args:
+    masks: ``find_pruning_state(opt_state).masks``: bool masks, or the uint8
+      bits of ``magnitude_pruning(..., packed_masks=True)``; ``MaskedNode``
+      where a leaf is not pruned.
+    params: the params (arrays or ``jax.ShapeDtypeStruct``), for the shapes.
+
+  Returns:
+    ``masks`` with each packed mask unpacked to a bool array of its param's
+    shape; bool masks and ``MaskedNode`` as they are. Jittable.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_prune
+    >>> params = {"w": jnp.array([[1.0, -3.0, 0.5], [2.0, 0.1, 4.0]])}
+    >>> tx = optax_prune.magnitude_pruning(0.5, packed_masks=True)
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> state.masks["w"]  # Bits, one row of 3 entries per byte.
+    Array([[ 64],
+           [160]], dtype=uint8)
+    >>> optax_prune.unpack_masks(state.masks, params)["w"]
+    Array([[False,  True, False],
+           [ True, False,  True]], dtype=bool)
+  """
+  leaves, treedef = jax.tree.flatten(masks, is_leaf=_paths.is_masked)
+  try:
+    param_leaves = treedef.flatten_up_to(params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"`masks` must have the structure of `params`: {e}") from None
+  return treedef.unflatten([
+      m if _paths.is_masked(m) or not _bits.is_packed_for(m, jnp.shape(x))
+      else _bits.unpack(m, jnp.shape(x)) for m, x in zip(leaves, param_leaves)])
 
 
 def find_pruning_state(opt_state) -> MagnitudePruningState:

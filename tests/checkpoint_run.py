@@ -1,7 +1,7 @@
 """Trains a pruned model for a number of steps, optionally from a checkpoint.
 
 Run by tests/test_checkpoint.py in fresh processes:
-  python tests/checkpoint_run.py STEPS OUT.npz [--save DIR] [--restore DIR]
+  python tests/checkpoint_run.py STEPS OUT.npz [--save DIR] [--restore DIR] [--packed]
 """
 
 import argparse
@@ -15,7 +15,11 @@ import orbax.checkpoint as ocp
 import optax_prune
 
 SCHEDULE = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=40, frequency=10)
-TX = optax.chain(optax.adamw(0.05, weight_decay=0.01), optax_prune.magnitude_pruning(SCHEDULE))
+
+
+def make_tx(packed: bool):
+  return optax.chain(optax.adamw(0.05, weight_decay=0.01),
+                     optax_prune.magnitude_pruning(SCHEDULE, packed_masks=packed))
 
 
 def initial_params():
@@ -25,11 +29,13 @@ def initial_params():
           "b": jnp.zeros(4, jnp.float32)}
 
 
-@jax.jit
-def step(params, state):
-  grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(p)))(params)
-  updates, state = TX.update(grads, state, params)
-  return optax.apply_updates(params, updates), state
+def make_step(tx):
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(p)))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
 
 
 def main():
@@ -38,9 +44,12 @@ def main():
   parser.add_argument("out")
   parser.add_argument("--save")
   parser.add_argument("--restore")
+  parser.add_argument("--packed", action="store_true", help="bit-packed masks")
   args = parser.parse_args()
+  tx = make_tx(args.packed)
+  step = make_step(tx)
   params = initial_params()
-  state = TX.init(params)
+  state = tx.init(params)
   checkpointer = ocp.StandardCheckpointer()
   if args.restore:
     # Restore into the structure of a freshly built `tx.init(...)`.
@@ -55,7 +64,9 @@ def main():
   pstate = optax_prune.find_pruning_state(state)
   np.savez(args.out, count=np.asarray(pstate.count),
            **{f"param_{k}": np.asarray(v) for k, v in params.items()},
-           **{f"mask_{k}": np.asarray(pstate.masks[k]) for k in ("w", "v")})
+           **{f"mask_{k}": np.asarray(pstate.masks[k]) for k in ("w", "v")},
+           **{f"bool_mask_{k}": np.asarray(m) for k, m in
+              optax_prune.unpack_masks(pstate.masks, params).items() if k in ("w", "v")})
 
 
 if __name__ == "__main__":

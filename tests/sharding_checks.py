@@ -88,6 +88,7 @@ def check_names() -> list[str]:
   # Explicit axes only: there a unit reshape of a split leaf is an error unless
   # handled; under Auto axes XLA reshards on its own.
   names += [f"structured-explicit-{g}" for g in STRUCTURED]
+  names += [f"packed-masks-{a}" for a in AXES]
   for config in config_names():
     names += [f"masks-{config}"]
     names += [f"shardings-{config}"] if _placement_checked(config) else []
@@ -123,10 +124,11 @@ def mesh_context(mesh, axes: str):
   return jax.set_mesh(mesh) if axes == "explicit" else contextlib.nullcontext()
 
 
-def make_tx(scope: str, method: str):
+def make_tx(scope: str, method: str, packed: bool = False):
   return optax.chain(
       optax.adam(0.1),
-      optax_prune.magnitude_pruning(SCHEDULE, scope=scope, threshold=method),
+      optax_prune.magnitude_pruning(SCHEDULE, scope=scope, threshold=method,
+                                    packed_masks=packed),
   )
 
 
@@ -383,6 +385,46 @@ def check_structured(results: Results, axes: str, name: str):
     results.record_error([check])
 
 
+def check_packed(results: Results, axes: str, one_device: list[tuple[dict, dict]],
+                 compiles: CompileCounter):
+  """Packed masks: bits placed with their param's spec, masks and params equal
+  to the one-device bool run, only counts crossing devices, one compile."""
+  name = f"packed-masks-{axes}"
+  try:
+    mesh = make_mesh(axes)
+    tx = make_tx("layer", "bisect", packed=True)
+    with mesh_context(mesh, axes):
+      params, shardings = placed(mesh)
+      opt_state = replicate_scalars(tx.init(params), mesh)
+      step = jax.jit(train_step(tx))
+      compiled = step.lower(params, opt_state).compile()
+      problems = [f"{op} {ty}" for op, ty in collectives(compiled.as_text())
+                  if op != "all-reduce" or elements(ty) > 16]
+      recompiles = 0
+      for t in range(STEPS):
+        before_count = compiles.count
+        params, opt_state = step(params, opt_state)
+        recompiles += compiles.count - before_count
+        packed = mask_leaves(opt_state)
+        masks = optax_prune.unpack_masks(packed, {n: params[n] for n in packed})
+        one_masks, one_params = one_device[t]
+        for n, bits in packed.items():
+          if bits.dtype != jnp.uint8:
+            problems.append(f"{n}: masks stored as {bits.dtype}, not uint8 bits")
+          if not bits.sharding.is_equivalent_to(shardings[n], bits.ndim):
+            problems.append(f"step {t} {n}: bits placed {bits.sharding}, not {shardings[n]}")
+          if not np.array_equal(np.asarray(masks[n]), one_masks[n]):
+            problems.append(f"step {t} {n}: differs from one device")
+        for n, x in params.items():
+          if not np.array_equal(np.asarray(x), one_params[n]):
+            problems.append(f"step {t} params {n}: differ from one device")
+      if recompiles:
+        problems.append(f"the step compiled {recompiles} more times")
+    results.record(name, problems)
+  except Exception:  # pylint: disable=broad-except
+    results.record_error([name])
+
+
 def check_memory(results: Results):
   """Per-device temporaries of a bisect update shrink with the shard."""
   from benchmarks import sharded_memory  # pylint: disable=import-outside-toplevel
@@ -422,6 +464,8 @@ def run_mesh_checks(out_path: str):
     check_config(results, config, one_device[config.split("-")[1]], compiles)
   for name in STRUCTURED:
     check_structured(results, "explicit", name)
+  for axes in AXES:
+    check_packed(results, axes, one_device["layer"], compiles)
   results.info["seconds"] = round(time.perf_counter() - start, 1)
   with open(out_path, "w") as f:
     json.dump({"checks": results.checks, "info": results.info}, f, indent=1)

@@ -1,6 +1,7 @@
 """The shared contract, run over every pair of options.
 
-score x granularity x scope x threshold x distribution x optimizer x dtype: the full
+score x granularity x scope x threshold x distribution x optimizer x dtype x mask
+layout: the full
 product is hundreds of compiles, so the battery is a set of configurations
 that covers every allowed pair of values (`helpers.all_pairs`, checked
 below). Each configuration trains the small CNN for 10 steps along a schedule
@@ -47,6 +48,7 @@ FACTORS = {
     "distribution": ["uniform", "erk"],
     "optimizer": ["sgd-momentum", "adamw"],
     "dtype": ["float32", "bfloat16"],
+    "masks": ["bool", "packed"],  # The state's mask layout (`packed_masks`).
 }
 OPTIMIZERS = {
     "sgd-momentum": lambda: optax.sgd(0.05, momentum=0.9),
@@ -65,7 +67,7 @@ def _name(config):
   g = config["granularity"]
   return "-".join([config["score"], "unstructured" if g is None else repr(g),
                    config["scope"], config["threshold"], config["distribution"],
-                   config["optimizer"], config["dtype"]])
+                   config["optimizer"], config["dtype"], config["masks"]])
 
 
 def test_battery_covers_every_allowed_pair():
@@ -77,7 +79,7 @@ def test_battery_covers_every_allowed_pair():
           if not _allowed({**{n: FACTORS[n][0] for n in names}, a: va, b: vb}):
             continue
           assert any(c[a] == va and c[b] == vb for c in BATTERY), (a, va, b, vb)
-  assert len(BATTERY) < 30  # Pairs, not the product (864).
+  assert len(BATTERY) < 30  # Pairs, not the product (1728).
 
 
 def _expected_counts(config, sparsity, shapes):
@@ -96,7 +98,10 @@ def test_contract(config):
   previous = None
   for t, before, state, after in helpers.train(tx, _params(config), STEPS):
     pstate = optax_prune.find_pruning_state(state)
-    masks = [np.asarray(pstate.masks[k]["kernel"]) for k in KERNELS]
+    stored = [pstate.masks[k]["kernel"] for k in KERNELS]
+    assert all(m.dtype == (np.uint8 if config["masks"] == "packed" else bool) for m in stored)
+    read = optax_prune.unpack_masks(pstate.masks, after)
+    masks = [np.asarray(read[k]["kernel"]) for k in KERNELS]
     assert all(isinstance(pstate.masks[k]["bias"], optax.MaskedNode) for k in KERNELS)
     target = SCHEDULE(t)
     sparsity = float(target.sparsity)
@@ -143,7 +148,8 @@ def _smallest_pruned(x, n):
 
 
 def _transformation(config):
-  kwargs = {k: v for k, v in config.items() if k not in ("optimizer", "dtype")}
+  kwargs = {k: v for k, v in config.items() if k not in ("optimizer", "dtype", "masks")}
+  kwargs["packed_masks"] = config["masks"] == "packed"
   return optax.chain(OPTIMIZERS[config["optimizer"]](),
                      optax_prune.magnitude_pruning(SCHEDULE, **kwargs))
 
@@ -162,7 +168,7 @@ def test_eager_update_equals_jit(config):
   state = tx.init(p)
   eager = tx.update(grads, state, p)
   jitted = jax.jit(tx.update)(grads, state, p)
-  masks = lambda out: optax_prune.find_pruning_state(out[1]).masks
+  masks = lambda out: optax_prune.unpack_masks(optax_prune.find_pruning_state(out[1]).masks, p)
   jax.tree.map(np.testing.assert_array_equal, masks(eager), masks(jitted))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                eager[0], jitted[0])

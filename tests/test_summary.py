@@ -51,3 +51,58 @@ def test_masks_count_pruned_not_zeros():
 def test_masks_of_another_structure_are_rejected():
   with pytest.raises(ValueError, match="masks"):
     optax_prune.sparsity_summary({"w": jnp.ones(2)}, {"v": jnp.ones(2, bool)})
+
+
+def _read_scalars(log_dir):
+  """(tag, step, value) of every scalar in the TensorBoard event files of
+  ``log_dir``, parsed from the TFRecord framing with tensorboardX's protos."""
+  import struct
+  from tensorboardX.proto import event_pb2
+
+  out = []
+  for path in sorted(log_dir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4  # Length, its CRC, the record, its CRC.
+      out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return out
+
+
+def test_pruning_metrics_in_a_jitted_step_reach_tensorboard(tmp_path):
+  from tensorboardX import SummaryWriter
+  import jax
+  from tests import helpers
+
+  schedule = optax_prune.polynomial_schedule(0.5, begin_step=0, end_step=2, frequency=1)
+  tx = optax.chain(optax.adam(1e-2), optax_prune.magnitude_pruning(schedule))
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(helpers.loss)(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    return params, state, optax_prune.pruning_metrics(state, params)
+
+  params, state = helpers.params(), tx.init(helpers.params())
+  writer = SummaryWriter(str(tmp_path))
+  logged = []
+  for t in range(3):
+    params, state, metrics = step(params, state)
+    for tag, value in metrics.items():
+      writer.add_scalar(tag, float(value), t)
+      logged.append((tag, t, float(value)))
+  writer.close()
+  read = _read_scalars(tmp_path)
+  assert {(tag, t): v for tag, t, v in read} == pytest.approx(
+      {(tag, t): v for tag, t, v in logged})
+  assert len(read) == len(logged)
+  tags = {tag for tag, _, _ in read}
+  assert {"pruning/sparsity", "pruning/step", "pruning/model_sparsity",
+          "pruning/sparsity/dense/kernel", "pruning/target/conv/kernel"} <= tags
+  final = {tag: v for tag, t, v in read if t == 2}
+  summary = optax_prune.sparsity_summary(params, state)
+  assert final["pruning/sparsity"] == pytest.approx(summary.masked_sparsity)
+  assert final["pruning/model_sparsity"] == pytest.approx(summary.sparsity)
