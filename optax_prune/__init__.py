@@ -20,6 +20,7 @@ from optax_prune._granularity import channels
 from optax_prune._granularity import Granularity
 from optax_prune._granularity import n_of_m
 from optax_prune._granularity import unstructured
+from optax_prune._oneshot import prune
 from optax_prune._paths import by_path
 from optax_prune._schedules import constant_schedule
 from optax_prune._schedules import from_optax_schedule
@@ -69,6 +70,7 @@ __all__ = (
     "n_of_m",
     "nm_matmul",
     "polynomial_schedule",
+    "prune",
     "pruning_metrics",
     "save_compact",
     "sparsity_summary",

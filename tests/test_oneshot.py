@@ -1,0 +1,77 @@
+"""One-shot pruning against the NumPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_prune
+from tests import helpers
+from tests import reference
+
+KERNELS = ("conv", "dense", "out")
+
+
+def _kernels(tree):
+  return [np.asarray(tree[k]["kernel"]) for k in KERNELS]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_prune_matches_the_reference_and_keeps_kept_weights_bitwise(scope):
+  params = helpers.params()
+  pruned, masks = optax_prune.prune(params, 0.6, scope=scope)
+  kernels = _kernels(params)
+  if scope == "global":
+    expected = reference.keep_masks(kernels, 0.6)
+  else:
+    expected = [reference.keep_masks([x], 0.6)[0] for x in kernels]
+  for got, want, x, out in zip(_kernels(masks), expected, kernels, _kernels(pruned)):
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(out, np.where(want, x, 0))
+  for k in KERNELS:  # Biases are not pruned by default.
+    assert isinstance(masks[k]["bias"], optax.MaskedNode)
+    np.testing.assert_array_equal(pruned[k]["bias"], params[k]["bias"])
+
+
+def test_prune_counts_are_exact_with_ties_and_structure():
+  params = {"w": jnp.zeros((8, 12)), "v": jnp.ones((12, 4)).at[0].set(0.0)}
+  pruned, masks = optax_prune.prune(params, {"w": 0.25, "v": 0.5})
+  assert int((~masks["w"]).sum()) == reference.prune_count(0.25, 96)
+  assert int((~masks["v"]).sum()) == reference.prune_count(0.5, 48)
+  # All-zero weights tie: the first ones by position go.
+  np.testing.assert_array_equal(~masks["w"].reshape(-1), np.arange(96) < 24)
+  two_four, nm_masks = optax_prune.prune(
+      helpers.params(), 1.0, granularity=optax_prune.n_of_m(2, 4, axis=-2))
+  for m in _kernels(nm_masks):
+    groups = np.moveaxis(m, -2, -1).reshape(-1, 4)
+    assert (groups.sum(-1) == 2).all()
+
+
+def test_saliency_ranks_by_the_grads_given():
+  params = {"w": jnp.array([[1.0, 2.0, 3.0, 4.0]])}
+  grads = {"w": jnp.array([[4.0, 0.1, 2.0, 0.5]])}  # |w * g| = 4, 0.2, 6, 2.
+  _, masks = optax_prune.prune(params, 0.5, grads=grads, score="saliency",
+                               where=lambda path, x: True)
+  np.testing.assert_array_equal(masks["w"], [[True, False, True, False]])
+
+
+def test_prune_takes_numbers_only():
+  params = helpers.params()
+  with pytest.raises(ValueError, match="schedules belong to `magnitude_pruning`"):
+    optax_prune.prune(params, optax_prune.constant_schedule(0.5))
+  with pytest.raises(ValueError, match="`sparsity` must be in \\[0, 1\\]"):
+    optax_prune.prune(params, 1.5)
+
+
+def test_pruned_params_seed_a_fine_tune_that_keeps_the_masks():
+  # Pruning then fine-tuning: the pruned params, a constant schedule of the
+  # same sparsity, and the masks come back the same (pruned weights are 0).
+  params = helpers.params()
+  pruned, masks = optax_prune.prune(params, 0.7)
+  tx = optax.chain(optax.adam(1e-2), optax_prune.magnitude_pruning(0.7))
+  state = tx.init(pruned)
+  step = helpers.make_step(tx)
+  for _ in range(3):
+    pruned, state = step(pruned, state)
+  jax.tree.map(np.testing.assert_array_equal, optax_prune.find_pruning_state(state).masks, masks)
