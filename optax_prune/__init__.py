@@ -8,6 +8,8 @@ from optax_prune._compact import CompactNMLeaf
 from optax_prune._compact import load_compact
 from optax_prune._compact import save_compact
 from optax_prune._compact import uncompact
+from optax_prune._activations import input_norms
+from optax_prune._activations import InputNorm
 from optax_prune._export import export_size_report
 from optax_prune._export import ExportSizeReport
 from optax_prune._export import LeafExportSize
@@ -28,6 +30,9 @@ from optax_prune._schedules import log_schedule
 from optax_prune._schedules import polynomial_schedule
 from optax_prune._schedules import PruningSchedule
 from optax_prune._schedules import PruningTarget
+from optax_prune._sensitivity import sensitivity
+from optax_prune._sensitivity import SensitivityReport
+from optax_prune._sensitivity import sparsities_for_budget
 from optax_prune._summary import LeafSparsity
 from optax_prune._summary import pruning_metrics
 from optax_prune._summary import sparsity_summary
@@ -48,12 +53,14 @@ __all__ = (
     "CompactNMLeaf",
     "ExportSizeReport",
     "Granularity",
+    "InputNorm",
     "LeafExportSize",
     "LeafSparsity",
     "MagnitudePruningState",
     "NMSparse",
     "PruningSchedule",
     "PruningTarget",
+    "SensitivityReport",
     "SparsitySummary",
     "blocks",
     "by_path",
@@ -63,6 +70,7 @@ __all__ = (
     "export_size_report",
     "find_pruning_state",
     "from_optax_schedule",
+    "input_norms",
     "keep_masks",
     "load_compact",
     "log_schedule",
@@ -72,7 +80,9 @@ __all__ = (
     "polynomial_schedule",
     "prune",
     "pruning_metrics",
+    "sensitivity",
     "save_compact",
+    "sparsities_for_budget",
     "sparsity_summary",
     "to_bcoo",
     "to_nm",

@@ -1,17 +1,31 @@
-"""One-shot pruning of trained params, without a training loop."""
+"""One-shot pruning of trained params, without a training loop.
+
+With ``input_norms`` (see :func:`input_norms`) the scores are Wanda's
+activation-aware ``|w_ij| * ||x_j||``; with ``compare="output"`` weights are
+ranked within each output feature, as Wanda does, instead of per leaf.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from optax_prune import _checks
 from optax_prune import _config
+from optax_prune import _distributions
 from optax_prune import _paths
+from optax_prune import _plan
+from optax_prune import _rules
 from optax_prune import _scores
+from optax_prune import _thresholds
 from optax_prune import _transform
+
+COMPARE = ("leaf", "output")
 
 
 def prune(
@@ -19,6 +33,8 @@ def prune(
     sparsity: Any,
     *,
     grads: Optional[Any] = None,
+    input_norms: Optional[dict] = None,
+    compare: str = "leaf",
     where: Any = None,
     scope: str = "layer",
     threshold: str = "auto",
@@ -38,12 +54,25 @@ def prune(
   method. Pruned entries become exactly 0; kept ones are unchanged, bit for
   bit.
 
+  Activation-aware (Wanda, Sun et al. 2023): given ``input_norms`` from
+  calibration data, the score of weight :math:`w_{ij}` (input feature
+  :math:`j`) is :math:`|w_{ij}| \cdot \lVert x_j \rVert_2`; with
+  ``compare="output"`` each output feature of a leaf (a column of a
+  ``Dense`` kernel, an output channel of a ``Conv``) loses exactly
+  :math:`\mathrm{round}(s \cdot K)` of its :math:`K` weights.
+
   Args:
     params: the trained params.
     sparsity: a number in [0, 1], or a pytree of those (``None``: not pruned)
       whose structure is a prefix of the params, or :func:`by_path` rules.
     grads: gradients like ``params``, for ``score="saliency"`` (``|w * g|``)
       or a score function that reads them; zeros if None.
+    input_norms: ``{path: InputNorm}`` from :func:`input_norms`; every pruned
+      leaf needs one. Only with ``score="magnitude"``.
+    compare: ``"leaf"`` (rank as the transformation does: per leaf or group)
+      or ``"output"`` (within each output feature; unstructured, layer scope,
+      uniform distribution). Output axes come from ``input_norms``, else the
+      leaf's last axis (flax kernels).
     where, scope, threshold, granularity, distribution, score, seed: as for
       :func:`magnitude_pruning`.
 
@@ -59,6 +88,10 @@ def prune(
     >>> pruned["w"]
     Array([[ 0., -2.],
            [ 0.,  4.]], dtype=float32)
+    >>> pruned, _ = optax_prune.prune(params, 0.5, compare="output")  # Per column.
+    >>> pruned["w"]
+    Array([[0. , 0. ],
+           [0.3, 4. ]], dtype=float32)
   """
   values = _paths.spec_values(sparsity, _config.is_schedule_leaf)
   for value in values:
@@ -69,15 +102,92 @@ def prune(
           f" `magnitude_pruning`. Got {value!r}.")
     if value is not None:
       _checks.fraction("sparsity", value)
-  tx = _transform.magnitude_pruning(
+  _checks.one_of("compare", compare, COMPARE)
+  if compare == "output" and (granularity is not None or scope != "layer"
+                              or distribution != "uniform"):
+    raise ValueError(
+        "`compare='output'` ranks the entries of each output feature: it takes"
+        " no `granularity`, and `scope='layer'`, `distribution='uniform'`.")
+  if input_norms is not None and score != "magnitude":
+    raise ValueError("`input_norms` make the score |w| * ||x||: leave `score='magnitude'`.")
+  config = _config.make_config(
       sparsity, where=where, scope=scope, threshold=threshold,
       granularity=granularity, distribution=distribution, score=score, seed=seed)
-  state = tx.init(params)
-  if grads is None:
-    grads = jax.tree.map(jnp.zeros_like, params)
-  _, state = jax.jit(tx.update)(grads, state, params)
-  masks = state.masks
-  leaves, treedef = jax.tree.flatten(masks, is_leaf=_paths.is_masked)
-  pruned = [x if _paths.is_masked(m) else jnp.where(m, x, jnp.zeros((), x.dtype))
-            for m, x in zip(leaves, treedef.flatten_up_to(params))]
-  return treedef.unflatten(pruned), masks
+  plan = _plan.make_plan(config, params)
+  leaves = plan.treedef.flatten_up_to(params)
+  norms = _norms_for(plan, input_norms)
+  ranked = [x if n is None else jnp.abs(x).astype(jnp.float32) * n.norm
+            for x, n in zip(leaves, norms)]
+  if compare == "output":
+    masks = [None] * len(leaves)
+    for s in plan.schedules:
+      fraction = float(s.schedule(0).sparsity)
+      for leaf in s.leaves:
+        norm = norms[leaf.index]
+        outputs = norm.output_axes if norm is not None else (len(leaf.shape) - 1,)
+        masks[leaf.index] = _per_output(ranked[leaf.index], fraction, outputs)
+    masks = plan.treedef.unflatten(
+        [m if p else optax.MaskedNode() for m, p in zip(masks, plan.pruned)])
+  else:
+    tx = _transform.masking(config, _rules.prune_smallest)
+    ranked_tree = plan.treedef.unflatten(ranked)
+    state = tx.init(ranked_tree)
+    if grads is None:
+      grads = jax.tree.map(jnp.zeros_like, ranked_tree)
+    _, state = jax.jit(tx.update)(grads, state, ranked_tree)
+    masks = state.masks
+  mask_leaves = plan.treedef.flatten_up_to(masks)
+  pruned = [jnp.where(m, x, jnp.zeros((), x.dtype)) if p else x
+            for m, x, p in zip(mask_leaves, leaves, plan.pruned)]
+  return plan.treedef.unflatten(pruned), masks
+
+
+def _norms_for(plan: _plan.Plan, input_norms: Optional[dict]) -> list:
+  """Per leaf, its ``InputNorm`` (None where unpruned or without norms)."""
+  out = [None] * len(plan.pruned)
+  if input_norms is None:
+    return out
+  missing = []
+  for s in plan.schedules:
+    for leaf in s.leaves:
+      norm = input_norms.get(leaf.path)
+      if norm is None:
+        missing.append(leaf.path)
+        continue
+      shape = np.shape(norm.norm)
+      if len(shape) != len(leaf.shape) or any(
+          a not in (1, b) for a, b in zip(shape, leaf.shape)):
+        raise ValueError(
+            f"`input_norms[{leaf.path!r}]` has shape {shape}, which does not"
+            f" broadcast against the leaf {leaf.shape}: collect them from these params.")
+      out[leaf.index] = norm
+  if missing:
+    raise ValueError(
+        f"`input_norms` has no norms for the pruned leaves {missing}: they were"
+        " not met as the weight of a matrix multiplication or convolution."
+        " Leave them out with `where`, or collect the norms with the model"
+        " that uses them.")
+  return out
+
+
+def _per_output(scores: jax.Array, sparsity: float, outputs: tuple[int, ...]) -> jax.Array:
+  """Keep-mask pruning round(s * K) smallest of each output's K entries.
+
+  Ranks by a stable argsort of the magnitude keys (NaN above inf, ties by
+  position in the leaf's row-major order of the other axes).
+  """
+  shape = scores.shape
+  inputs = tuple(a for a in range(len(shape)) if a not in outputs)
+  order = inputs + tuple(outputs)
+  k = math.prod(shape[a] for a in inputs)
+  columns = jnp.transpose(scores, order).reshape(k, -1)
+  count = int(_distributions.prune_count(jnp.float32(sparsity), k))
+
+  @jax.jit
+  def keep(columns):
+    keys = _thresholds.magnitude_keys(columns)
+    ranks = jnp.argsort(jnp.argsort(keys, axis=0, stable=True), axis=0)
+    return ranks >= count
+
+  kept = keep(columns).reshape(tuple(shape[a] for a in order))
+  return jnp.transpose(kept, np.argsort(order))

@@ -1,0 +1,163 @@
+"""Input-feature norms of every weight, read off the model's jaxpr.
+
+Activation-aware scores (Wanda, Sun et al. 2023) weigh ``|w_ij|`` by the L2
+norm of input feature ``j`` over calibration data. No hook in the model is
+needed: the model is traced once, and while its jaxpr is evaluated on the
+calibration batches, the operand that meets a parameter in a
+``dot_general`` or ``conv_general_dilated`` is recorded. Works for any JAX
+model (flax linen, nnx, plain functions), whatever activation comes before.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jax_core
+
+# Primitives that call a sub-jaxpr, and the parameter that holds it: their
+# bodies are walked, so weights inside (jitted helpers, remat) are seen.
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+          "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+          "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
+          "remat": "jaxpr", "checkpoint": "jaxpr"}
+# Ops after which a value is still the parameter itself (a dtype cast).
+_SAME_VALUE = {"convert_element_type", "copy", "copy_p"}
+
+
+class InputNorm(NamedTuple):
+  """The input-feature norms of one weight leaf.
+
+  ``norm`` broadcasts against the leaf: the L2 norm of each input feature
+  over every calibration example and position along the contracting axes
+  (the input axis of a ``Dense`` kernel, the input-channel axis of a
+  ``Conv`` kernel), 1-sized elsewhere. ``output_axes``: the leaf's axes that
+  index output features (Wanda compares weights within each output).
+  """
+
+  norm: Any
+  output_axes: tuple[int, ...]
+
+
+def input_norms(fn: Callable[..., Any], params: Any, batches: Iterable[Any]) -> dict[str, InputNorm]:
+  r"""Input-feature norms of each weight of ``fn``, over calibration ``batches``.
+
+  .. math::
+
+    \lVert x_j \rVert_2 = \Big(\sum_{\text{batches}} \sum_{b, t} x_{b t j}^2\Big)^{1/2}
+
+  for the operand :math:`x` that meets a leaf of ``params`` in a matrix
+  multiplication (``dot_general``, contracting axes :math:`j`) or a
+  convolution (input channels :math:`j`; summed over batch and space). A leaf
+  used several times accumulates all its inputs.
+
+  Args:
+    fn: ``fn(params, batch)``, the model's forward pass (e.g. ``lambda p, x:
+      model.apply({"params": p}, x)``, or ``nnx.merge`` inside).
+    params: the trained params.
+    batches: calibration inputs, each passed as ``batch``.
+
+  Returns:
+    ``{keystr(path): InputNorm}`` for every leaf used as a weight; leaves not
+    found (embeddings read by a gather, biases) are absent.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_prune
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> x = jnp.array([[3.0, 0.0, 1.0], [4.0, 0.0, 1.0]])
+    >>> norms = optax_prune.input_norms(lambda p, x: jnp.tanh(x) @ p["w"], params, [x])
+    >>> norms["['w']"].output_axes, norms["['w']"].norm.shape
+    ((1,), (3, 1))
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [x for _, x in path_leaves]
+  found: dict[int, tuple] = {}  # Leaf index -> (contracting axes, output axes).
+
+  def sums(flat, batch):
+    closed = jax.make_jaxpr(lambda f, b: fn(treedef.unflatten(f), b))(flat, batch)
+    owner = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(flat)])}
+    totals: dict[int, jax.Array] = {}
+    _walk(closed.jaxpr, closed.consts, [*flat, *jax.tree.leaves(batch)], owner, totals, found)
+    return totals
+
+  run = jax.jit(sums)
+  totals: dict[int, np.ndarray] = {}
+  for batch in batches:
+    for i, value in run(leaves, batch).items():
+      totals[i] = totals.get(i, 0.0) + np.asarray(value, np.float64)
+  out = {}
+  for i, total in totals.items():
+    contracting, outputs = found[i]
+    shape = [1] * np.ndim(leaves[i])
+    for axis, size in zip(contracting, np.shape(total)):
+      shape[axis] = size
+    out[jax.tree_util.keystr(path_leaves[i][0])] = InputNorm(
+        np.sqrt(total).astype(np.float32).reshape(shape), outputs)
+  return out
+
+
+def _walk(jaxpr, consts, args, owner, totals, found) -> list:
+  env = {}
+  read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    owners = [None if isinstance(v, jax_core.Literal) else owner.get(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    sub = eqn.params.get(_CALLS.get(name, ""))
+    if sub is not None:
+      body, body_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, ())
+      inner = {v: o for v, o in zip(body.invars, owners) if o is not None}
+      outs = _walk(body, body_consts, invals, inner, totals, found)
+    else:
+      if name == "dot_general":
+        _record_dot(eqn, invals, owners, totals, found)
+      elif name == "conv_general_dilated":
+        _record_conv(eqn, invals, owners, totals, found)
+      bound = eqn.primitive.get_bind_params(eqn.params)
+      # (subfuns, params) before JAX 0.8, params alone since.
+      subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+      outs = eqn.primitive.bind(*subfuns, *invals, **params)
+      outs = outs if eqn.primitive.multiple_results else [outs]
+      if name in _SAME_VALUE and owners[0] is not None:
+        owner[eqn.outvars[0]] = owners[0]
+    for v, x in zip(eqn.outvars, outs):
+      env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _add(totals, found, i, total, contracting, outputs):
+  if i in found and found[i] != (contracting, outputs):
+    return  # Used again in another layout: keep the first.
+  found[i] = (contracting, outputs)
+  totals[i] = totals[i] + total if i in totals else total
+
+
+def _record_dot(eqn, invals, owners, totals, found):
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  for w, x, wc, xc, wb in ((1, 0, rc, lc, rb), (0, 1, lc, rc, lb)):
+    i = owners[w]
+    if i is None or owners[x] is not None or wb:
+      continue
+    value = invals[x].astype(jnp.float32)
+    others = tuple(a for a in range(value.ndim) if a not in xc)
+    total = jnp.transpose(jnp.sum(value * value, axis=others),
+                          np.argsort(np.argsort(xc)))  # In the order of `xc`.
+    outputs = tuple(a for a in range(invals[w].ndim) if a not in wc)
+    _add(totals, found, i, total, tuple(wc), outputs)
+
+
+def _record_conv(eqn, invals, owners, totals, found):
+  i = owners[1]
+  if i is None or owners[0] is not None or eqn.params["feature_group_count"] != 1:
+    return
+  lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
+  value = invals[0].astype(jnp.float32)
+  feature = lhs_spec[1]
+  total = jnp.sum(value * value, axis=tuple(a for a in range(value.ndim) if a != feature))
+  _add(totals, found, i, total, (rhs_spec[1],), (rhs_spec[0],))
