@@ -258,9 +258,11 @@ def _least_loss(xs, curves, sizes, target) -> np.ndarray:
   for _, i, x0, x1 in sorted(segments, key=lambda g: (g[0], g[1], g[2])):
     if left <= 0:
       break
-    take = min(x1 - x0, left / sizes[i]) if sizes[i] else x1 - x0
-    chosen[i] = x0 + take
-    left -= take * sizes[i]
+    if sizes[i] and left < (x1 - x0) * sizes[i]:
+      chosen[i] = x0 + left / sizes[i]  # Part of this segment ends the budget.
+      break
+    chosen[i] = x1
+    left -= (x1 - x0) * sizes[i]
   return chosen
 
 

@@ -89,6 +89,7 @@ def check_names() -> list[str]:
   # handled; under Auto axes XLA reshards on its own.
   names += [f"structured-explicit-{g}" for g in STRUCTURED]
   names += [f"packed-masks-{a}" for a in AXES]
+  names += [f"prune-one-shot-{a}" for a in AXES]
   for config in config_names():
     names += [f"masks-{config}"]
     names += [f"shardings-{config}"] if _placement_checked(config) else []
@@ -425,6 +426,37 @@ def check_packed(results: Results, axes: str, one_device: list[tuple[dict, dict]
     results.record_error([name])
 
 
+def check_prune(results: Results, axes: str):
+  """One-shot `prune` on placed params: masks and pruned params equal to one
+  device and to NumPy, masks placed like their params."""
+  name = f"prune-one-shot-{axes}"
+  try:
+    sparsity = 0.6
+    one = jax.device_put(host_params(), jax.devices()[0])
+    one_pruned, one_masks = optax_prune.prune(one, sparsity, threshold="bisect")
+    mesh = make_mesh(axes)
+    with mesh_context(mesh, axes):
+      params, shardings = placed(mesh)
+      pruned, masks = optax_prune.prune(params, sparsity, threshold="bisect")
+    want = reference_masks(host_params(), "layer", sparsity)
+    problems = []
+    for n, m in masks.items():
+      if isinstance(m, optax.MaskedNode):
+        continue
+      if not np.array_equal(np.asarray(m), want[n]):
+        problems.append(f"{n}: differs from the NumPy reference")
+      if not np.array_equal(np.asarray(m), np.asarray(one_masks[n])):
+        problems.append(f"{n}: differs from one device")
+      if not m.sharding.is_equivalent_to(shardings[n], m.ndim):
+        problems.append(f"{n}: mask placed {m.sharding}, not {shardings[n]}")
+    for n, x in pruned.items():
+      if not np.array_equal(np.asarray(x), np.asarray(one_pruned[n])):
+        problems.append(f"params {n}: differ from one device")
+    results.record(name, problems)
+  except Exception:  # pylint: disable=broad-except
+    results.record_error([name])
+
+
 def check_memory(results: Results):
   """Per-device temporaries of a bisect update shrink with the shard."""
   from benchmarks import sharded_memory  # pylint: disable=import-outside-toplevel
@@ -466,6 +498,7 @@ def run_mesh_checks(out_path: str):
     check_structured(results, "explicit", name)
   for axes in AXES:
     check_packed(results, axes, one_device["layer"], compiles)
+    check_prune(results, axes)
   results.info["seconds"] = round(time.perf_counter() - start, 1)
   with open(out_path, "w") as f:
     json.dump({"checks": results.checks, "info": results.info}, f, indent=1)

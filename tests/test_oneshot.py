@@ -75,3 +75,36 @@ def test_pruned_params_seed_a_fine_tune_that_keeps_the_masks():
   for _ in range(3):
     pruned, state = step(pruned, state)
   jax.tree.map(np.testing.assert_array_equal, optax_prune.find_pruning_state(state).masks, masks)
+
+
+def test_iterative_pruning_with_rewinding_keeps_masks_nested_and_counts_exact():
+  # Lottery tickets (Frankle & Carbin): train, prune, rewind the kept weights
+  # to an early checkpoint, train again with the masks kept, repeat.
+  def train(params, sparsity, steps):
+    tx = optax.chain(optax.adam(1e-2), optax_prune.magnitude_pruning(sparsity))
+    step, state = helpers.make_step(tx), tx.init(params)
+    for _ in range(steps):
+      params, state = step(params, state)
+    return params, optax_prune.find_pruning_state(state).masks
+
+  params, _ = train(helpers.params(), 0.0, 2)
+  early = params  # The checkpoint to rewind to.
+  params, _ = train(params, 0.0, 4)
+  previous = None
+  for round_ in range(1, 3):
+    sparsity = 1 - 0.8 ** round_
+    _, masks = optax_prune.prune(params, sparsity)
+    # Rewind: kept weights back to the early checkpoint, pruned ones 0.
+    rewound = jax.tree.map(lambda m, w: w if isinstance(m, optax.MaskedNode)
+                           else jnp.where(m, w, 0.0), masks, early,
+                           is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    for k in ("conv", "dense", "out"):
+      m = np.asarray(masks[k]["kernel"])
+      assert (~m).sum() == reference.prune_count(sparsity, m.size)
+      np.testing.assert_array_equal(np.asarray(rewound[k]["kernel"])[m],
+                                    np.asarray(early[k]["kernel"])[m])
+      if previous is not None:
+        assert not (m & ~previous[k]["kernel"]).any(), "a pruned weight came back"
+    params, kept = train(rewound, sparsity, 4)
+    jax.tree.map(np.testing.assert_array_equal, kept, masks)  # Masks held while training.
+    previous = jax.tree.map(np.asarray, masks)

@@ -111,3 +111,12 @@ def test_budget_meets_the_target_within_the_measured_range(leaves, target):
   # uniform (up to the results' rounding down to 1e-6: slopes <= 44 per leaf).
   assert losses["least_loss"] <= losses["equal_loss"] + 1e-3
   assert losses["least_loss"] <= hull_loss(np.full(len(leaves), target)) + 1e-3
+
+
+def test_a_tiny_target_takes_part_of_the_first_segment_only():
+  # Found by hypothesis: a denormal target left a rounding remainder that
+  # took a later segment of the same leaf whole.
+  report = _report([(0.0, 0.0, 1.0), (1.0, 0.0, 0.0)], [3, 1])
+  for target in (5e-324, 1e-12, 0.0):
+    chosen = optax_prune.sparsities_for_budget(report, target)
+    assert chosen == {"l0": 0.0, "l1": 0.0}
