@@ -7,6 +7,7 @@ ranked within each output feature, as Wanda does, instead of per leaf.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Union
 
@@ -170,6 +171,14 @@ def _norms_for(plan: _plan.Plan, input_norms: Optional[dict]) -> list:
   return out
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _keep_per_column(columns: jax.Array, count: int) -> jax.Array:
+  """Keeps all but the ``count`` smallest entries of each column (stable ranks)."""
+  keys = _thresholds.magnitude_keys(columns)
+  ranks = jnp.argsort(jnp.argsort(keys, axis=0, stable=True), axis=0)
+  return ranks >= count
+
+
 def _per_output(scores: jax.Array, sparsity: float, outputs: tuple[int, ...]) -> jax.Array:
   """Keep-mask pruning round(s * K) smallest of each output's K entries.
 
@@ -182,12 +191,5 @@ def _per_output(scores: jax.Array, sparsity: float, outputs: tuple[int, ...]) ->
   k = math.prod(shape[a] for a in inputs)
   columns = jnp.transpose(scores, order).reshape(k, -1)
   count = int(_distributions.prune_count(jnp.float32(sparsity), k))
-
-  @jax.jit
-  def keep(columns):
-    keys = _thresholds.magnitude_keys(columns)
-    ranks = jnp.argsort(jnp.argsort(keys, axis=0, stable=True), axis=0)
-    return ranks >= count
-
-  kept = keep(columns).reshape(tuple(shape[a] for a in order))
+  kept = _keep_per_column(columns, count).reshape(tuple(shape[a] for a in order))
   return jnp.transpose(kept, np.argsort(order))

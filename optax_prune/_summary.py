@@ -94,11 +94,6 @@ def counts_micro_batches(steps: Optional[int], zero_update_steps: Optional[int])
   return zero_update_steps >= 2 and 2 * zero_update_steps >= steps
 
 
-def _holds_pruning_state(tree: Any) -> bool:
-  is_state = lambda x: isinstance(x, _transform.MagnitudePruningState)
-  return any(is_state(x) for x in jax.tree.leaves(tree, is_leaf=is_state))
-
-
 def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
   """Counts zeros (and, given masks, pruned entries) in every array leaf.
 
@@ -123,7 +118,7 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
     (1, 0.5)
   """
   steps = zero_update_steps = None
-  if masks is not None and _holds_pruning_state(masks):
+  if masks is not None and _transform.pruning_states(masks):
     state = _transform.find_pruning_state(masks)
     masks, steps, zero_update_steps = (
         state.masks, int(state.count), int(state.zero_update_steps))

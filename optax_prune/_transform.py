@@ -394,6 +394,12 @@ def unpack_masks(masks: Any, params: Any) -> Any:
       else _bits.unpack(m, jnp.shape(x)) for m, x in zip(leaves, param_leaves)])
 
 
+def pruning_states(tree: Any) -> list[MagnitudePruningState]:
+  """Every :class:`MagnitudePruningState` inside ``tree``, in leaf order."""
+  is_state = lambda x: isinstance(x, MagnitudePruningState)
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_state) if is_state(x)]
+
+
 def find_pruning_state(opt_state) -> MagnitudePruningState:
   """Finds the :class:`MagnitudePruningState` inside a (chained) optimizer state.
 
@@ -416,13 +422,7 @@ def find_pruning_state(opt_state) -> MagnitudePruningState:
     >>> int(optax_prune.find_pruning_state(state).count)
     0
   """
-  found = [
-      x
-      for x in jax.tree.leaves(
-          opt_state, is_leaf=lambda x: isinstance(x, MagnitudePruningState)
-      )
-      if isinstance(x, MagnitudePruningState)
-  ]
+  found = pruning_states(opt_state)
   if len(found) != 1:
     hint = "" if found else (
         " Pass the optimizer state itself: `train_state.opt_state` for a flax"
