@@ -63,13 +63,15 @@ def run(seeds: int, epochs: int, finetune_steps: int, calibration: int, bar) -> 
     norms = optax_prune.input_norms(fn, dense, xs[:calibration])
     for name, (sparsity, granularity, compare) in CONFIGS.items():
       for method in ("magnitude", "wanda"):
-        kwargs = dict(granularity=granularity)  # Default where: the kernels.
+        # Default where: the kernels. Uniform: every kernel at the target, as
+        # Wanda prunes (the default's ERK would share it unevenly).
+        kwargs = dict(granularity=granularity, distribution="uniform")
         if method == "wanda":
           kwargs.update(input_norms=norms, compare=compare)
         pruned, masks = optax_prune.prune(dense, sparsity, **kwargs)
         one_shot = task.evaluate(pruned)
         tx = optax.chain(optax.adam(task.learning_rate / 3), optax_prune.magnitude_pruning(
-            sparsity, granularity=granularity))
+            sparsity, granularity=granularity, distribution="uniform"))
         tuned = train(task, tx, pruned, finetune_steps, np.random.default_rng(2000 + seed))
         kept = optax_prune.find_pruning_state(tuned.opt_state).masks
         same = all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(masks)))

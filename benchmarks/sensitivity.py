@@ -13,7 +13,7 @@ tasks' full epochs of dense training: about 4.5 minutes on 2 shared CPU cores) o
 3. at each total budget (0.5, 0.7, 0.8, 0.9 of the analysed kernels' entries)
    prunes the trained params once, WITHOUT fine-tuning, with
 
-   * ``uniform``: ``prune(params, s, where=...)``, every kernel at ``s``;
+   * ``uniform``: ``prune(params, s, where=..., distribution="uniform")``, every kernel at ``s``;
    * ``allocated``: ``prune(params, sparsities_for_budget(report, s,
      params=params), where=...)``, the least total loss rule (default);
    * ``equal-loss``: the same with ``rule="equal_loss"`` (PaddleSlim's);
@@ -136,21 +136,22 @@ def make_setup(name: str, criterion: str = "loss") -> Setup:
 # --------------------------------------------------------------- training --
 
 
-def train_dense(task: accuracy.Task, seed: int, epochs: int, tx, train_step):
-  """Dense params after ``epochs`` of ``tx`` (adam) from seed ``seed``."""
+def train(task: accuracy.Task, seed: int, epochs: int, tx, train_step):
+  """The ``TrainState`` after ``epochs`` of ``tx`` from seed ``seed``'s
+  initialisation and batches."""
   params = jax.jit(task.model.init)(jax.random.key(seed), task.example())["params"]
   state = train_state.TrainState.create(apply_fn=task.model.apply, params=params, tx=tx)
   rng = np.random.default_rng(seed)
   for _ in range(epochs):
     for x, y in zip(*task.epoch_batches(rng)):
       state = train_step(state, x, y)
-  return jax.block_until_ready(state.params)
+  return jax.block_until_ready(state)
 
 
 def prune_with(method: str, params, budget: float, report, where):
   """(pruned params, masks) of one method at a total budget."""
   if method == "uniform":
-    return optax_prune.prune(params, budget, where=where)
+    return optax_prune.prune(params, budget, where=where, distribution="uniform")
   if method == "global":
     return optax_prune.prune(params, budget, where=where, scope="global")
   rule = "equal_loss" if method == "equal-loss" else "least_loss"
@@ -164,7 +165,7 @@ def run_seed(setup: Setup, seed: int, epochs: int, budgets: Sequence[float],
   """Trains, analyses and prunes one seed: (analysis, records, report)."""
   task = setup.task
   start = time.perf_counter()
-  params = train_dense(task, seed, epochs, tx, train_step)
+  params = train(task, seed, epochs, tx, train_step).params
   train_s = time.perf_counter() - start
   start = time.perf_counter()
   report = optax_prune.sensitivity(params, setup.criterion, sparsities,

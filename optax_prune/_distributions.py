@@ -19,7 +19,8 @@ from the float32 bits of :math:`s` (:func:`prune_count`). A schedule's
   (leaves that would exceed density 1 are kept dense and :math:`\\epsilon` is
   solved again over the rest). Small layers stay denser, large ones are
   pruned harder. The integer counts then lose exactly
-  :math:`\\mathrm{round}(s N)` units in total, no leaf more than it holds.
+  :math:`\\mathrm{round}(s N)` units in total, no leaf more than it holds and
+  none whole while :math:`s < 1` leaves a unit for each.
 
 Both run on a traced sparsity inside ``jit``: the schedule may ramp :math:`s`.
 """
@@ -147,29 +148,32 @@ def erk_prune_counts(
 ) -> list[jax.Array]:
   """Per-leaf prune counts (uint32) summing exactly to ``round(s * sum(sizes))``.
 
-  Each leaf's count is rounded from its ERK density; the few units that the
-  rounding (and float32 in the densities) leave over or short are then taken
-  from, or given to, the leaves that are not dense, in order, never beyond a
-  leaf's size.
+  Each leaf's count is rounded from its ERK density, keeping at least one
+  unit of every leaf; the few units that the rounding (and float32 in the
+  densities) leave over or short are then taken from, or given to, the leaves
+  that are not dense, in order. No leaf is pruned whole unless the total
+  leaves fewer kept units than there are leaves (at ``s = 1``, all are).
   """
   sparsity = clip_sparsity(sparsity)
   total = prune_count(sparsity, sum(sizes)).astype(jnp.int32)
   if not sizes:
     return []
   densities = erk_densities(sizes, ratios, sparsity)
+  # At most n - 1 each: a density that rounds to no kept unit would prune the
+  # leaf whole, which no one asked for.
   counts = [
-      prune_count(1.0 - densities[i], n).astype(jnp.int32)
+      jnp.minimum(prune_count(1.0 - densities[i], n).astype(jnp.int32), max(n - 1, 0))
       for i, n in enumerate(sizes)
   ]
   residual = total - sum(counts)
   sparse = [densities[i] < 1.0 for i in range(len(sizes))]
-  # Two passes: first only leaves that are not dense (so dense ones stay
-  # dense), then any leaf; each takes what fits.
-  for only_sparse in (True, False):
+  # Passes, each taking what fits: leaves that are not dense (so dense ones
+  # stay dense) keeping one unit, then any leaf keeping one, then any leaf.
+  for only_sparse, keep in ((True, 1), (False, 1), (False, 0)):
     for i, n in enumerate(sizes):
       allowed = sparse[i] if only_sparse else jnp.bool_(True)
-      room_up, room_down = n - counts[i], counts[i]
-      step = jnp.clip(residual, -room_down, room_up)
+      room_up = jnp.maximum(n - keep - counts[i], 0)
+      step = jnp.clip(residual, -counts[i], room_up)
       step = jnp.where(allowed, step, 0)
       counts[i] = counts[i] + step
       residual = residual - step
@@ -256,6 +260,9 @@ class ERK:
 
   name = "erk"
   shares_budget = True
+  # Chosen by default (not asked for): past 2**31 - 1 units a schedule falls
+  # back to uniform instead of being refused.
+  by_default: bool = False
 
   def counts(self, sizes, shapes, sparsity, pruned=None):
     counts = erk_prune_counts(sizes, [erk_ratio(s) for s in shapes], sparsity)
@@ -264,7 +271,7 @@ class ERK:
     return counts, [c.astype(jnp.float32) / max(n, 1) for c, n in zip(counts, sizes)]
 
 
-def resolve(name: str) -> Distribution:
+def resolve(name: str, by_default: bool = False) -> Distribution:
   """The distribution called ``name``; a ``ValueError`` naming the argument."""
   _checks.one_of("distribution", name, DISTRIBUTIONS)
-  return {"uniform": Uniform(), "erk": ERK()}[name]
+  return {"uniform": Uniform(), "erk": ERK(by_default=by_default)}[name]

@@ -40,7 +40,7 @@ def prune(
     scope: str = "layer",
     threshold: str = "auto",
     granularity: Any = None,
-    distribution: str = "uniform",
+    distribution: Optional[str] = None,
     score: Union[str, _scores.ScoreFn] = "magnitude",
     seed: int = 0,
 ) -> tuple[Any, Any]:
@@ -71,8 +71,8 @@ def prune(
     input_norms: ``{path: InputNorm}`` from :func:`input_norms`; every pruned
       leaf needs one. Only with ``score="magnitude"``.
     compare: ``"leaf"`` (rank as the transformation does: per leaf or group)
-      or ``"output"`` (within each output feature; unstructured, layer scope,
-      uniform distribution). Output axes come from ``input_norms``, else the
+      or ``"output"`` (within each output feature, the same fraction of each;
+      unstructured, layer scope, no ERK). Output axes come from ``input_norms``, else the
       leaf's last axis (flax kernels).
     where, scope, threshold, granularity, distribution, score, seed: as for
       :func:`magnitude_pruning`.
@@ -105,7 +105,7 @@ def prune(
       _checks.fraction("sparsity", value)
   _checks.one_of("compare", compare, COMPARE)
   if compare == "output" and (granularity is not None or scope != "layer"
-                              or distribution != "uniform"):
+                              or distribution not in (None, "uniform")):
     raise ValueError(
         "`compare='output'` ranks the entries of each output feature: it takes"
         " no `granularity`, and `scope='layer'`, `distribution='uniform'`.")

@@ -130,7 +130,12 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
   planned = []
   for schedule, groups in by_schedule.values():
     total = sum(leaf.units for group in groups.values() for leaf in group)
-    if config.distribution.shares_budget and total > _distributions.MAX_GROUP_SIZE:
+    distribution = config.distribution
+    if distribution.shares_budget and total > _distributions.MAX_GROUP_SIZE:
+      if getattr(distribution, "by_default", False):
+        # The default's ERK counts need the total in int32: uniform beyond.
+        distribution = _distributions.Uniform()
+    if distribution.shares_budget and total > _distributions.MAX_GROUP_SIZE:
       raise ValueError(
           f"`distribution={config.distribution.name!r}` shares one count among the leaves of a"
           f" schedule; they hold {total} units, and at most 2**31 - 1 are"
@@ -139,7 +144,7 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
     planned.append(SchedulePlan(
         schedule=schedule,
         groups=tuple(_group_plan(config, group, leaves) for group in groups.values()),
-        distribution=config.distribution,
+        distribution=distribution,
         score=config.score,
         seed=config.seed,
     ))

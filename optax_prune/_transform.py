@@ -9,7 +9,7 @@ step :func:`apply_masks` shapes the updates. This module only wires them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,7 @@ def magnitude_pruning(
     scope: str = "layer",
     threshold: str = "auto",
     granularity: Any = None,
-    distribution: str = "uniform",
+    distribution: Optional[str] = None,
     score: Union[str, _scores.ScoreFn] = "magnitude",
     seed: int = 0,
     packed_masks: bool = False,
@@ -87,7 +87,7 @@ def magnitude_pruning(
   another ``score``): in each leaf (``scope="layer"``) or over all leaves that
   share a schedule (``scope="global"``) exactly :math:`\mathrm{round}(s \cdot
   n)` units of smallest score are pruned, where :math:`s` is the scheduled
-  sparsity (with ``distribution="erk"``, each leaf's share of it) and :math:`n`
+  sparsity (by default each leaf's ERK share of it, see ``distribution``) and :math:`n`
   the number of units: entries by default, or N:M groups, blocks, channels (see
   ``granularity``). Entries already pruned score 0, so masks only grow while
   the sparsity rises. On every step the updates become
@@ -131,10 +131,16 @@ def magnitude_pruning(
       that share a schedule and a granularity are ranked together.
     distribution: how a schedule's sparsity is shared among its leaves with
       ``scope="layer"``: ``"uniform"`` (each leaf at the schedule's sparsity)
-      or ``"erk"`` (Erdos-Renyi-Kernel densities; exactly
-      ``round(s * total units)`` pruned over the leaves, none beyond 1).
-      Leaves with their own schedule (or ``None``) in ``schedule`` are
-      outside the distribution: that is how layers are kept dense.
+      or ``"erk"`` (Erdos-Renyi-Kernel densities: small leaves denser, large
+      ones sparser; exactly ``round(s * total units)`` pruned over the
+      leaves, none whole while ``s < 1``). Leaves with their own schedule (or
+      ``None``) in ``schedule`` are outside the distribution: that is how
+      layers are kept dense. ``None`` (default): ``"erk"`` when one schedule
+      (a number, a schedule or :func:`by_path` rules) prunes unstructured
+      leaves with ``scope="layer"``, ``"uniform"`` otherwise (per-leaf
+      targets given as a pytree, structured granularities, global scope).
+      ERK lost least accuracy in ``benchmarks.defaults``; pass
+      ``"uniform"`` for every leaf at the scheduled sparsity.
     score: what ranks the entries: ``"magnitude"`` (``|w|``),
       ``"saliency"`` (``|w * u|`` with ``u`` the update this transformation
       receives), ``"random"`` (uniform, from ``seed`` and the step count:

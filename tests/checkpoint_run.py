@@ -1,10 +1,13 @@
 """Trains a pruned model for a number of steps, optionally from a checkpoint.
 
 Run by tests/test_checkpoint.py in fresh processes:
-  python tests/checkpoint_run.py STEPS OUT.npz [--save DIR] [--restore DIR] [--packed]
+  python tests/checkpoint_run.py STEPS OUT_DIR [--save DIR] [--restore DIR]
+Both mask layouts (bool and packed) run in turn, in one process: OUT_DIR/bool.npz
+and OUT_DIR/packed.npz, checkpoints under DIR/bool and DIR/packed.
 """
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -38,35 +41,41 @@ def make_step(tx):
   return step
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("steps", type=int)
-  parser.add_argument("out")
-  parser.add_argument("--save")
-  parser.add_argument("--restore")
-  parser.add_argument("--packed", action="store_true", help="bit-packed masks")
-  args = parser.parse_args()
-  tx = make_tx(args.packed)
+def run(steps: int, out: str, save, restore, packed: bool):
+  tx = make_tx(packed)
   step = make_step(tx)
   params = initial_params()
   state = tx.init(params)
   checkpointer = ocp.StandardCheckpointer()
-  if args.restore:
+  if restore:
     # Restore into the structure of a freshly built `tx.init(...)`.
     target = {"params": params, "opt_state": state}
-    restored = checkpointer.restore(args.restore, target)
+    restored = checkpointer.restore(restore, target)
     params, state = restored["params"], restored["opt_state"]
-  for _ in range(args.steps):
+  for _ in range(steps):
     params, state = step(params, state)
-  if args.save:
-    checkpointer.save(args.save, {"params": params, "opt_state": state})
+  if save:
+    checkpointer.save(save, {"params": params, "opt_state": state})
     checkpointer.wait_until_finished()
   pstate = optax_prune.find_pruning_state(state)
-  np.savez(args.out, count=np.asarray(pstate.count),
+  np.savez(out, count=np.asarray(pstate.count),
            **{f"param_{k}": np.asarray(v) for k, v in params.items()},
            **{f"mask_{k}": np.asarray(pstate.masks[k]) for k in ("w", "v")},
            **{f"bool_mask_{k}": np.asarray(m) for k, m in
               optax_prune.unpack_masks(pstate.masks, params).items() if k in ("w", "v")})
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("steps", type=int)
+  parser.add_argument("out_dir")
+  parser.add_argument("--save")
+  parser.add_argument("--restore")
+  args = parser.parse_args()
+  for layout in ("bool", "packed"):
+    under = lambda folder: folder and os.path.join(folder, layout)
+    run(args.steps, os.path.join(args.out_dir, f"{layout}.npz"), under(args.save),
+        under(args.restore), packed=layout == "packed")
 
 
 if __name__ == "__main__":

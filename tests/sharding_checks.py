@@ -128,8 +128,9 @@ def mesh_context(mesh, axes: str):
 def make_tx(scope: str, method: str, packed: bool = False):
   return optax.chain(
       optax.adam(0.1),
+      # Uniform: the NumPy reference prunes each leaf at the scheduled sparsity.
       optax_prune.magnitude_pruning(SCHEDULE, scope=scope, threshold=method,
-                                    packed_masks=packed),
+                                    distribution="uniform", packed_masks=packed),
   )
 
 
@@ -433,11 +434,13 @@ def check_prune(results: Results, axes: str):
   try:
     sparsity = 0.6
     one = jax.device_put(host_params(), jax.devices()[0])
-    one_pruned, one_masks = optax_prune.prune(one, sparsity, threshold="bisect")
+    one_pruned, one_masks = optax_prune.prune(one, sparsity, threshold="bisect",
+                                              distribution="uniform")
     mesh = make_mesh(axes)
     with mesh_context(mesh, axes):
       params, shardings = placed(mesh)
-      pruned, masks = optax_prune.prune(params, sparsity, threshold="bisect")
+      pruned, masks = optax_prune.prune(params, sparsity, threshold="bisect",
+                                        distribution="uniform")
     want = reference_masks(host_params(), "layer", sparsity)
     problems = []
     for n, m in masks.items():

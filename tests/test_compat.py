@@ -30,7 +30,7 @@ def _step_fn(tx):
 
 def test_multi_steps_advances_masks_with_real_optimizer_steps():
   schedule = optax_prune.polynomial_schedule(0.75, begin_step=0, end_step=4, frequency=2)
-  tx = optax.MultiSteps(optax.chain(optax.sgd(0.1), optax_prune.magnitude_pruning(schedule)),
+  tx = optax.MultiSteps(optax.chain(optax.sgd(0.1), optax_prune.magnitude_pruning(schedule, distribution="uniform")),
                         every_k_schedule=3)
   params, state = _params(), None
   state = tx.init(params)
@@ -47,7 +47,7 @@ def test_multi_steps_advances_masks_with_real_optimizer_steps():
 
 def test_inject_hyperparams_beside_pruning():
   tx = optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=0.1),
-                   optax_prune.magnitude_pruning(0.5))
+                   optax_prune.magnitude_pruning(0.5, distribution="uniform"))
   params = _params()
   state = tx.init(params)
   state[0].hyperparams["learning_rate"] = jnp.asarray(0.01)
@@ -59,7 +59,7 @@ def test_inject_hyperparams_beside_pruning():
 def test_apply_if_finite_skips_the_schedule_on_bad_steps():
   schedule = optax_prune.polynomial_schedule(0.5, begin_step=1, end_step=1, frequency=1)
   tx = optax.apply_if_finite(
-      optax.chain(optax.sgd(0.1), optax_prune.magnitude_pruning(schedule)), 5)
+      optax.chain(optax.sgd(0.1), optax_prune.magnitude_pruning(schedule, distribution="uniform")), 5)
   params = _params()
   state = tx.init(params)
   step = _step_fn(tx)

@@ -34,7 +34,7 @@ def test_linen_train_state_prunes_exactly_and_compiles_once():
   x, y = _data()
   model = LinenMLP()
   params = model.init(jax.random.key(0), x)["params"]
-  tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), optax_prune.magnitude_pruning(SCHEDULE))
+  tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), optax_prune.magnitude_pruning(SCHEDULE, distribution="uniform"))
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   traces = []
 
@@ -73,7 +73,7 @@ class NNXMLP(nnx.Module):
 def test_nnx_optimizer_prunes_exactly_under_nnx_jit():
   x, y = _data()
   model = NNXMLP(nnx.Rngs(0))
-  tx = optax.chain(optax.sgd(0.1, momentum=0.9), optax_prune.magnitude_pruning(SCHEDULE))
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), optax_prune.magnitude_pruning(SCHEDULE, distribution="uniform"))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   traces = []
 

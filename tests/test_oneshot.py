@@ -20,7 +20,7 @@ def _kernels(tree):
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_prune_matches_the_reference_and_keeps_kept_weights_bitwise(scope):
   params = helpers.params()
-  pruned, masks = optax_prune.prune(params, 0.6, scope=scope)
+  pruned, masks = optax_prune.prune(params, 0.6, scope=scope, distribution="uniform")
   kernels = _kernels(params)
   if scope == "global":
     expected = reference.keep_masks(kernels, 0.6)
@@ -81,7 +81,7 @@ def test_iterative_pruning_with_rewinding_keeps_masks_nested_and_counts_exact():
   # Lottery tickets (Frankle & Carbin): train, prune, rewind the kept weights
   # to an early checkpoint, train again with the masks kept, repeat.
   def train(params, sparsity, steps):
-    tx = optax.chain(optax.adam(1e-2), optax_prune.magnitude_pruning(sparsity))
+    tx = optax.chain(optax.adam(1e-2), optax_prune.magnitude_pruning(sparsity, distribution="uniform"))
     step, state = helpers.make_step(tx), tx.init(params)
     for _ in range(steps):
       params, state = step(params, state)
@@ -93,7 +93,7 @@ def test_iterative_pruning_with_rewinding_keeps_masks_nested_and_counts_exact():
   previous = None
   for round_ in range(1, 3):
     sparsity = 1 - 0.8 ** round_
-    _, masks = optax_prune.prune(params, sparsity)
+    _, masks = optax_prune.prune(params, sparsity, distribution="uniform")
     # Rewind: kept weights back to the early checkpoint, pruned ones 0.
     rewound = jax.tree.map(lambda m, w: w if isinstance(m, optax.MaskedNode)
                            else jnp.where(m, w, 0.0), masks, early,

@@ -47,7 +47,8 @@ _trees = st.recursive(
 def test_random_pytrees_prune_like_the_reference(tree, sparsity, scope, threshold):
   # A container at the top: `params=None` is how optax says "not passed".
   params = {"root": jax.tree.map(jnp.asarray, tree)}
-  tx = optax_prune.magnitude_pruning(float(sparsity), scope=scope, threshold=threshold)
+  tx = optax_prune.magnitude_pruning(float(sparsity), scope=scope, threshold=threshold,
+                                    distribution="uniform")
   updates, state = tx.update(params, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   leaves = jax.tree.leaves(params)

@@ -22,7 +22,7 @@ def _first_masks(tx, params, updates, count=0):
 
 def test_saliency_ranks_by_weight_times_update():
   params, updates = _params(0), _params(1)
-  masks = _first_masks(optax_prune.magnitude_pruning(0.6, score="saliency"), params, updates)
+  masks = _first_masks(optax_prune.magnitude_pruning(0.6, score="saliency", distribution="uniform"), params, updates)
   for k in params:
     product = np.asarray(params[k]) * np.asarray(updates[k])
     np.testing.assert_array_equal(masks[k], reference.keep_masks([product], 0.6)[0])
@@ -34,12 +34,12 @@ def test_random_is_exact_seeded_and_reproducible():
   params = _params()
   schedule = optax_prune.constant_schedule(0.7, step=5)
   # (Each seed compiles once: random bits are slow to compile on CPU.)
-  tx = optax_prune.magnitude_pruning(schedule, score="random", seed=1)
+  tx = optax_prune.magnitude_pruning(schedule, score="random", seed=1, distribution="uniform")
   a = _first_masks(tx, params, params, count=5)
   for k in params:
     assert int((~a[k]).sum()) == reference.prune_count(0.7, params[k].size)
   other = _first_masks(
-      optax_prune.magnitude_pruning(schedule, score="random", seed=2), params, params, count=5)
+      optax_prune.magnitude_pruning(schedule, score="random", seed=2, distribution="uniform"), params, params, count=5)
   assert not np.array_equal(a["w"], other["w"])  # Another seed: another mask.
   # Independent of the weights (a random mask, not a magnitude one), and the
   # same for the same seed and step.
@@ -53,7 +53,7 @@ def test_random_keys_come_from_seed_step_and_leaf_so_a_resume_draws_the_same():
   params = _params()
   names = sorted(params)  # Leaf order: "v" (index 0), then "w" (index 1).
   schedule = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=6, frequency=3)
-  tx = optax_prune.magnitude_pruning(schedule, score="random", seed=7)
+  tx = optax_prune.magnitude_pruning(schedule, score="random", seed=7, distribution="uniform")
   step = jax.jit(lambda s: tx.update(params, s, params)[1])
   state, states = tx.init(params), []
   for _ in range(7):
@@ -80,7 +80,7 @@ def test_a_custom_score_plugs_in():
     return param - 1.0
 
   params = _params()
-  masks = _first_masks(optax_prune.magnitude_pruning(0.5, score=distance_to_one), params, params)
+  masks = _first_masks(optax_prune.magnitude_pruning(0.5, score=distance_to_one, distribution="uniform"), params, params)
   for k in params:
     expected = reference.keep_masks([np.asarray(params[k]) - np.float32(1.0)], 0.5)[0]
     np.testing.assert_array_equal(masks[k], expected)

@@ -4,6 +4,7 @@ Faked CPU devices are configured before JAX starts, so every check here runs in
 a subprocess (``tests/sharding_checks.py``), leaving this process's JAX alone.
 """
 
+import fcntl
 import json
 import os
 import socket
@@ -16,7 +17,8 @@ import pytest
 
 from tests import sharding_checks
 
-# One xdist worker runs them all, so the 8-device subprocess runs once.
+# One xdist worker for all where `--dist loadgroup` groups (pytest < 9); the
+# 8-device subprocess runs once either way (see `mesh_results`).
 pytestmark = pytest.mark.xdist_group("sharding")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,20 +47,32 @@ def _output(proc_stdout: str, proc_stderr: str) -> str:
   return f"--- stdout ---\n{proc_stdout[-8000:]}\n--- stderr ---\n{proc_stderr[-8000:]}"
 
 
-# Session scope: computed once per worker even if other tests run in between.
 @pytest.fixture(scope="session")
-def mesh_results(tmp_path_factory):
-  out = tmp_path_factory.mktemp("mesh") / "results.json"
-  proc = subprocess.run(
-      [sys.executable, "-m", "tests.sharding_checks", "mesh", str(out)],
-      cwd=ROOT, env=_env(8), capture_output=True, text=True,
-      timeout=MESH_TIMEOUT_S, check=False,
-  )
-  if proc.returncode != 0 or not out.exists():
-    pytest.fail(
-        f"the mesh checks exited with {proc.returncode}\n"
-        + _output(proc.stdout, proc.stderr), pytrace=False,
-    )
+def mesh_results(tmp_path_factory, worker_id):
+  """The mesh checks' results, computed once per test session.
+
+  xdist workers share the session's base folder: the first to take the lock
+  runs the subprocess, the others read its file (under pytest 9 xdist's
+  ``loadgroup`` no longer keeps a group on one worker).
+  A failed run is stored too, so that it is not repeated.
+  """
+  root = tmp_path_factory.getbasetemp()
+  root = root if worker_id == "master" else root.parent
+  out, failure = root / "mesh_results.json", root / "mesh_results.failed"
+  with open(root / "mesh_results.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not out.exists() and not failure.exists():
+      proc = subprocess.run(
+          [sys.executable, "-m", "tests.sharding_checks", "mesh", str(out)],
+          cwd=ROOT, env=_env(8), capture_output=True, text=True,
+          timeout=MESH_TIMEOUT_S, check=False,
+      )
+      if proc.returncode != 0 or not out.exists():
+        out.unlink(missing_ok=True)
+        failure.write_text(f"the mesh checks exited with {proc.returncode}\n"
+                           + _output(proc.stdout, proc.stderr))
+  if failure.exists():
+    pytest.fail(failure.read_text(), pytrace=False)
   return json.loads(out.read_text())
 
 

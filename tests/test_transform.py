@@ -32,7 +32,7 @@ def test_dtypes_keep_exact_zeros(dtype):
 
 
 def _check_exact_zeros(dtype):
-  tx = optax.chain(optax.adam(0.05), optax_prune.magnitude_pruning(0.75))
+  tx = optax.chain(optax.adam(0.05), optax_prune.magnitude_pruning(0.75, distribution="uniform"))
   for t, before, state, after in _train(tx, _params(dtype=dtype), 30):
     masks = optax_prune.find_pruning_state(state).masks
     for k in after:

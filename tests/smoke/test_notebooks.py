@@ -56,6 +56,15 @@ def test_quickstart_runs():
   assert "nm_matmul equals the masked dense matmul" in output  # The 2:4 section.
 
 
+def test_oneshot_and_sensitivity_runs():
+  output = "\n".join(execute("oneshot_and_sensitivity.ipynb"))
+  assert "magnitude   wanda" in output and "2:4" in output  # The one-shot table.
+  assert "loss increase when one leaf is pruned" in output  # The sensitivity report.
+  for name in ("uniform", "erk", "global", "sensitivity"):
+    assert f"{name}: 0.900 of the kernels pruned" in output  # Exact totals, each allocation.
+  assert "pruned weights revived: 0" in output  # The fine-tune kept the masks.
+
+
 def test_kernel_is_this_python():
   notebook = nbformat.v4.new_notebook(cells=[
       nbformat.v4.new_code_cell("import sys; print(sys.executable)")
