@@ -214,6 +214,10 @@ class Distribution(Protocol):
   # must fit int32 together), or each has its own.
   shares_budget: bool
 
+  def for_units(self, total: int) -> "Distribution":
+    """The distribution to use for a schedule of ``total`` units (itself, or
+    a fallback where its counts would not fit)."""
+
   def counts(
       self, sizes: Sequence[int], shapes: Sequence[Sequence[int]],
       sparsity: jax.Array, pruned: Optional[Sequence[jax.Array]] = None,
@@ -243,6 +247,10 @@ class Uniform:
   name = "uniform"
   shares_budget = False
 
+  def for_units(self, total):
+    del total
+    return self
+
   def counts(self, sizes, shapes, sparsity, pruned=None):
     del shapes, pruned
     sparsity = clip_sparsity(sparsity)
@@ -263,6 +271,10 @@ class ERK:
   # Chosen by default (not asked for): past 2**31 - 1 units a schedule falls
   # back to uniform instead of being refused.
   by_default: bool = False
+
+  def for_units(self, total):
+    # The shared count is int32 arithmetic (`prune_count`).
+    return Uniform() if self.by_default and total > MAX_GROUP_SIZE else self
 
   def counts(self, sizes, shapes, sparsity, pruned=None):
     counts = erk_prune_counts(sizes, [erk_ratio(s) for s in shapes], sparsity)

@@ -130,16 +130,13 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
   planned = []
   for schedule, groups in by_schedule.values():
     total = sum(leaf.units for group in groups.values() for leaf in group)
-    distribution = config.distribution
-    if distribution.shares_budget and total > _distributions.MAX_GROUP_SIZE:
-      if getattr(distribution, "by_default", False):
-        # The default's ERK counts need the total in int32: uniform beyond.
-        distribution = _distributions.Uniform()
+    distribution = config.distribution.for_units(total)
     if distribution.shares_budget and total > _distributions.MAX_GROUP_SIZE:
       raise ValueError(
-          f"`distribution={config.distribution.name!r}` shares one count among the leaves of a"
+          f"`distribution={distribution.name!r}` shares one count among the leaves of a"
           f" schedule; they hold {total} units, and at most 2**31 - 1 are"
-          " supported. Give some leaves their own schedule."
+          " supported. Give some leaves their own schedule, or pass"
+          " `distribution='uniform'`."
       )
     planned.append(SchedulePlan(
         schedule=schedule,
