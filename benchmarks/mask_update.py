@@ -150,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--sizes", type=float, nargs="+",
                       default=[1e5, 1e6, 1e7, 3e7])
   parser.add_argument("--methods", nargs="+", default=["sort", "bisect", "auto"],
-                      choices=["sort", "bisect", "auto"])
+                      choices=["sort", "bisect", "histogram", "auto"])
   parser.add_argument("--scopes", nargs="+", default=["layer", "global"],
                       choices=["layer", "global"])
   parser.add_argument("--repeats", type=int, default=5)

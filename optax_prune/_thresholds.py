@@ -22,51 +22,87 @@ Methods:
 * ``"sort"`` (reference): a stable sort of the keys (of a group: their
   concatenation) ranks every entry; the ``k`` first are pruned. Memory: a
   permutation and a rank (int32) per entry.
-* ``"bisect"`` (fast): finds the threshold key by a radix search over its 31
-  (float64: 63) bits, each round counting entries below a candidate with one reduction over
-  the parameters; all groups share one search loop. No sort and no copy of the
-  parameters are asked for: on GPU XLA fuses it so (no parameter-sized
-  temporaries at 1e8 entries); on CPU XLA materializes the keys and the counts
-  (about 7 bytes per entry, see benchmarks/RESULTS.md). Ties at the threshold,
-  when a leaf must keep some of them, are split by a second search over the
-  flat index, only when needed.
-* ``"auto"``: the policy :func:`choose_method`, per group.
+* ``"bisect"``: finds the threshold key by a radix search over its 31
+  (float64: 63) bits, each round counting entries below a candidate with one
+  reduction over the parameters; all groups share one search loop. On GPU XLA
+  fuses it without parameter-sized temporaries; on CPU it materializes the
+  keys and the counts (about 7 bytes per entry). Ties at the threshold, when
+  a leaf must keep some of them, are split by a second search over the flat
+  index, only when needed.
+* ``"histogram"`` (fast): the same selection by one histogram of 2**16 counts
+  per 16-bit digit of the key (a scatter-add; two passes for float32 keys),
+  each level counting only keys on the prefix decided so far, then one pass
+  that writes the masks; split ties are resolved by the same histograms over
+  the flat index. On split leaves each device counts its shard and only the
+  counts (2**16 integers) are all-reduced. 3-5x faster than bisect on CPU at
+  1e7 entries (benchmarks/RESULTS.md).
+* ``"auto"``: per group and backend, :func:`choose_method`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from optax_prune import _checks
 from optax_prune import _distributions
 from optax_prune import _placement
 
-METHODS = ("sort", "bisect")
+METHODS = ("sort", "bisect", "histogram")
 THRESHOLDS = ("auto",) + METHODS
 # Bits decided per round of the radix search: 2**bits - 1 candidates per pass.
 # 1 was fastest on CPU and within 20% of 4 on an H200 (benchmarks/RESULTS.md).
 RADIX_BITS = 1
-# Up to this many entries in a group, "auto" uses the sort reference: sorting a
-# few thousand keys costs about one of the radix search's 31 counting passes.
-AUTO_SORT_MAX_SIZE = 2048
+# Bits of the key decided per histogram of the "histogram" method: two passes
+# over float32 keys (16 + 15 bits), 2**16 counts per histogram.
+HISTOGRAM_DIGIT_BITS = 16
+
+class AutoPolicy(NamedTuple):
+  """What ``threshold="auto"`` picks on one backend, by group size.
+
+  Groups of at most ``sort_max`` entries whose leaves are known whole on each
+  device are sorted (a sort gathers split leaves); otherwise groups of at
+  least ``histogram_min`` entries use ``"histogram"`` and smaller ones
+  ``"bisect"``. Both are gather-free.
+  """
+
+  sort_max: int
+  histogram_min: int
 
 
-def choose_method(threshold: str, size: int, whole: bool = True) -> str:
+# Crossovers measured by `python -m benchmarks.mask_update` (benchmarks/RESULTS.md,
+# sections 2 and 4). CPU: a sort never beats bisect by much (below 1024 entries
+# both take < 0.2 ms), and the histograms' fixed cost (two cumulative sums of
+# 2**16 counts, ~0.6 ms) beats bisect's 31 passes from about 2**15 entries.
+# GPU (H200): CUB's radix sort beat the 31 passes at every size from 1e5 to
+# 1e8; sorting is capped by its memory (about 12 B per entry for a group of
+# leaves: 2**26 entries stay under 1 GiB). TPU: untested, as the GPU.
+AUTO_POLICIES = {
+    "cpu": AutoPolicy(sort_max=1024, histogram_min=2**15),
+    "gpu": AutoPolicy(sort_max=2**26, histogram_min=0),
+}
+
+
+def choose_method(threshold: str, size: int, whole: bool = True,
+                  backend: Optional[str] = None) -> str:
   """The method that ``threshold`` means for a group of ``size`` entries.
 
-  ``"auto"`` sorts groups of at most ``AUTO_SORT_MAX_SIZE`` entries whose
-  leaves are all known to be whole on each device (``whole``, see
-  ``_placement.known_whole``): a sort gathers split leaves. Otherwise, and
-  for large groups, the radix search: bounded memory and no gathers.
+  ``"auto"`` follows ``AUTO_POLICIES`` for ``backend`` (default: JAX's
+  default backend; TPU as GPU); ``whole`` says the group's leaves are all
+  known whole on each device (see ``_placement.known_whole``).
   """
-  if threshold == "auto":
-    return "sort" if whole and size <= AUTO_SORT_MAX_SIZE else "bisect"
-  return threshold
+  if threshold != "auto":
+    return threshold
+  backend = backend or jax.default_backend()
+  policy = AUTO_POLICIES["cpu" if backend == "cpu" else "gpu"]
+  if whole and size <= policy.sort_max:
+    return "sort"
+  return "histogram" if size >= policy.histogram_min else "bisect"
 
 
 def needs_wide_keys(leaves: Sequence[jax.Array]) -> bool:
@@ -205,16 +241,21 @@ def masks_by_bisection(
     equal = [_count(magnitude_keys(x, wide) == threshold) for x in group]
     remaining = k_group - sum(less)  # Ties at `threshold` still to prune.
     out.append([
-        _keep_mask_from_index(x, threshold, ties, n_equal, radix_bits)
+        _keep_mask(x, threshold, _tie_cutoff(x, threshold, ties, n_equal, radix_bits))
         for x, ties, n_equal in zip(group, _ties_to_prune(equal, remaining), equal)
     ])
   return out
 
 
-def _keep_mask_from_index(x, threshold, ties, n_equal, radix_bits):
-  """Prunes keys below ``threshold`` and the first ``ties`` keys equal to it."""
+def _tie_cutoff(x, threshold, ties, n_equal, radix_bits):
+  """Flat index just past the ``ties``-th key of ``x`` equal to ``threshold``.
+
+  Entries with that key below the cutoff are pruned (see :func:`_keep_mask`).
+  A scalar: the search over the flat index runs only when some ties are kept
+  and some pruned, behind a ``lax.cond`` that returns no array.
+  """
   if x.size == 0:
-    return jnp.ones(x.shape, jnp.bool_)
+    return jnp.int32(0)
   wide = threshold.dtype == jnp.uint64
 
   def cutoff_all():
@@ -222,7 +263,6 @@ def _keep_mask_from_index(x, threshold, ties, n_equal, radix_bits):
     return jnp.where(ties > 0, jnp.int32(x.size), jnp.int32(0))
 
   def cutoff_search():
-    # Flat index just past the `ties`-th tie, by a radix search on the index.
     def count_below(candidates):  # (1, D) flat-index candidates.
       is_tie = (magnitude_keys(x, wide) == threshold)[..., None]
       index = _flat_index(x.shape)[..., None]
@@ -236,13 +276,128 @@ def _keep_mask_from_index(x, threshold, ties, n_equal, radix_bits):
     last = _radix_select(count_below, ties[None], bits, radix_bits)[0]
     return last.astype(jnp.int32) + 1
 
-  needs_search = (ties > 0) & (ties < n_equal)
-  cutoff = lax.cond(needs_search, cutoff_search, cutoff_all)
-  keys = magnitude_keys(x, wide)
+  return lax.cond((ties > 0) & (ties < n_equal), cutoff_search, cutoff_all)
+
+
+def _keep_mask(x, threshold, cutoff):
+  """Prunes keys below ``threshold`` and those equal to it before ``cutoff``.
+
+  """
+  if x.size == 0:
+    return jnp.ones(x.shape, jnp.bool_)
+  keys = magnitude_keys(x, threshold.dtype == jnp.uint64)
   pruned = (keys < threshold) | (
       (keys == threshold) & (_flat_index(x.shape) < cutoff)
   )
   return ~pruned
+
+
+def _histogram(digits: jax.Array, bins: int) -> jax.Array:
+  """(bins,) uint32 counts of each value of ``digits``; values >= bins dropped.
+
+  One scatter-add. On a split leaf each device counts its shard and the
+  counts are all-reduced: ``bins`` integers cross devices, never the leaf.
+  """
+  # Under Explicit mesh axes the counts' placement must be named: replicated.
+  out_sharding = P() if _placement.explicit_sharding(digits) else None
+  return jnp.zeros(bins, jnp.uint32).at[digits.astype(jnp.int32)].add(
+      jnp.uint32(1), mode="drop", out_sharding=out_sharding)
+
+
+def _select_by_histogram(keys: Sequence[jax.Array], k: jax.Array, bits: int,
+                         digit_bits: int, include: Optional[Sequence[jax.Array]] = None):
+  """The k-th smallest of a group's ``bits``-bit unsigned keys, by histograms.
+
+  Returns ``(kth, below, equal)``: the k-th smallest key (1-based; 0 when
+  ``k == 0``), how many keys are below it and how many equal it. Only keys
+  where ``include`` (one bool array per key array; None: all) is True count.
+  Digits of ``digit_bits`` bits are decided most significant first; each
+  level counts only the keys whose higher digits match those decided so far,
+  so ``ceil(bits / digit_bits)`` passes over the keys decide all of them.
+  """
+  key_type = jnp.uint32 if bits <= 32 else jnp.uint64
+  include = include if include is not None else [None] * len(keys)
+  found = jnp.zeros((), key_type)
+  below = jnp.zeros((), jnp.uint32)  # Keys below `found`'s decided prefix.
+  equal = jnp.zeros((), jnp.uint32)
+  for level in range(-(-bits // digit_bits)):
+    low = max(bits - (level + 1) * digit_bits, 0)
+    width = bits - level * digit_bits - low
+    bins = 2**width
+    counts = jnp.zeros(bins, jnp.uint32)
+    for key, counted in zip(keys, include):
+      key = key.astype(key_type)
+      if level:  # Keys off the decided prefix count nowhere.
+        on_prefix = key >> (low + width) == found >> (low + width)
+        counted = on_prefix if counted is None else counted & on_prefix
+      digit = (key >> low) & key_type(bins - 1)
+      if counted is not None:
+        digit = jnp.where(counted, digit, key_type(bins))  # Dropped.
+      counts = counts + _histogram(digit, bins)
+    cumulative = below + jnp.cumsum(counts, dtype=jnp.uint32)
+    chosen = jnp.sum(cumulative < k, dtype=jnp.uint32)  # The k-th key's bin.
+    chosen = jnp.minimum(chosen, bins - 1)  # Past the end only if k > count.
+    below = jnp.where(chosen > 0, cumulative[jnp.maximum(chosen, 1) - 1], below)
+    equal = counts[chosen]
+    found = found | (chosen.astype(key_type) << low)
+  return found, below, equal
+
+
+def _tie_cutoff_by_histogram(x, key, threshold, ties, n_equal, digit_bits):
+  """:func:`_tie_cutoff` by a histogram selection over the ties' flat index."""
+  if x.size == 0:
+    return jnp.int32(0)
+
+  def cutoff_search():
+    index = _flat_index(x.shape)
+    bits = max(1, math.ceil(math.log2(x.size)))
+    last, _, _ = _select_by_histogram([index], ties, bits, digit_bits,
+                                      include=[key == threshold])
+    return last.astype(jnp.int32) + 1
+
+  def cutoff_all():
+    return jnp.where(ties > 0, jnp.int32(x.size), jnp.int32(0))
+
+  return lax.cond((ties > 0) & (ties < n_equal), cutoff_search, cutoff_all)
+
+
+def masks_by_histogram(
+    groups: Sequence[Sequence[jax.Array]],
+    counts: Sequence[jax.Array],
+    digit_bits: int = HISTOGRAM_DIGIT_BITS,
+) -> list[list[jax.Array]]:
+  """Keep-masks by histograms of key digits; identical to ``masks_by_sort``.
+
+  Per group, one histogram of 2**``digit_bits`` counts per digit of the keys
+  (two passes over float32 keys at 16 bits) finds the threshold key and how
+  many keys lie below and at it; one more pass writes the masks. When ties
+  at the threshold are split (some kept, some pruned: earlier leaves, then
+  lower flat indices first), each leaf's ties are counted and the cutoff's
+  flat index is selected the same way, by histograms of its digits.
+  """
+  wide = any(needs_wide_keys(g) for g in groups)
+  out = []
+  for group, k in zip(groups, counts):
+    keys = [magnitude_keys(x, wide) for x in group]
+    threshold, below, equal = _select_by_histogram(
+        keys, k, _key_bits(wide), digit_bits)
+    ties = k - below  # Keys equal to the threshold still to prune.
+
+    def split_ties(group=group, keys=keys, threshold=threshold, ties=ties,
+                   equal=equal):
+      per_leaf = ([equal] if len(group) == 1 else
+                  [_count(key == threshold) for key in keys])
+      return [_tie_cutoff_by_histogram(x, key, threshold, t, n, digit_bits)
+              for x, key, t, n in zip(group, keys, _ties_to_prune(per_leaf, ties),
+                                      per_leaf)]
+
+    def whole_ties(group=group, ties=ties):
+      return [jnp.where(ties > 0, jnp.int32(x.size), jnp.int32(0)) for x in group]
+
+    # The branches return one scalar per leaf; the masks are written after.
+    cutoffs = lax.cond((ties > 0) & (ties < equal), split_ties, whole_ties)
+    out.append([_keep_mask(x, threshold, c) for x, c in zip(group, cutoffs)])
+  return out
 
 
 def masks_by_sort(
@@ -300,6 +455,8 @@ def keep_masks_for_counts(
   counts = [jnp.asarray(k, jnp.uint32) for k in counts]
   if method == "bisect":
     return masks_by_bisection(groups, counts, radix_bits) if groups else []
+  if method == "histogram":
+    return masks_by_histogram(groups, counts)
   if method == "sort":
     return [masks_by_sort(group, k) for group, k in zip(groups, counts)]
   raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")

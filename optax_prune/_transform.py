@@ -115,14 +115,16 @@ def magnitude_pruning(
       trailing ``.value`` dropped; selecting no leaf is an error), or a pytree
       of bools that is a prefix of the params, as in ``optax.masked``.
     scope: ``"layer"`` ranks each leaf on its own; ``"global"`` ranks all
-      pruned leaves that share a schedule together (one threshold); the
-      bisect method does so without concatenating them, the sort reference
+      pruned leaves that share a schedule together (one threshold); bisect
+      and histogram do so without concatenating them, the sort reference
       sorts their concatenated keys.
     threshold: ``"sort"`` (the ``jnp.sort`` reference), ``"bisect"`` (a radix
-      search over the bits of ``|w|`` by counting passes, no sort), or
-      ``"auto"`` (sort for groups of at most ``AUTO_SORT_MAX_SIZE`` entries
-      that are known not to be split over devices, bisect otherwise). All
-      give identical masks.
+      search over the bits of ``|w|`` by counting passes), ``"histogram"``
+      (the same selection by histograms of 16-bit digits: two passes), or
+      ``"auto"``: per group and backend (``AUTO_POLICIES``), sort for small
+      groups known not to be split over devices (on GPU up to 2**26 entries),
+      histogram for large ones, bisect between (CPU). All give identical
+      masks; only sort gathers split leaves.
     granularity: what one decision prunes: ``None`` or
       :func:`unstructured` (entries), :func:`n_of_m`, :func:`blocks`,
       :func:`channels`; or a pytree of those that is a prefix of the params,

@@ -104,7 +104,7 @@ _VALID = {
     optax_prune.constant_schedule: dict(sparsity=_fraction, step=_int(0)),
     optax_prune.magnitude_pruning: dict(
         schedule=_fraction, scope=st.sampled_from(["layer", "global"]),
-        threshold=st.sampled_from(["auto", "sort", "bisect"]),
+        threshold=st.sampled_from(["auto", "sort", "bisect", "histogram"]),
         where=st.sampled_from([None, {"w": True, "b": False}, lambda path, x: True])),
 }
 _INVALID = {
@@ -117,7 +117,7 @@ _INVALID = {
     "step": _bad_int(0),
     "power": st.one_of(_not_a_number, st.floats(max_value=0), st.sampled_from([np.inf, np.nan])),
     "scope": st.text(max_size=8).filter(lambda v: v not in ("layer", "global")) | _not_a_number,
-    "threshold": st.text(max_size=8).filter(lambda v: v not in ("auto", "sort", "bisect")),
+    "threshold": st.text(max_size=8).filter(lambda v: v not in ("auto", "sort", "bisect", "histogram")),
     "where": st.sampled_from([[1, 2], {"w": 1}, "kernel", 0.5]),
 }
 _POSITIONAL = {optax_prune.magnitude_pruning: "schedule"}

@@ -44,7 +44,7 @@ FACTORS = {
         optax_prune.channels(axis=-2, norm="l2"),
     ],
     "scope": ["layer", "global"],
-    "threshold": ["sort", "bisect", "auto"],
+    "threshold": ["sort", "bisect", "histogram"],  # "auto" is one of them per group.
     "distribution": ["uniform", "erk"],
     "optimizer": ["sgd-momentum", "adamw"],
     "dtype": ["float32", "bfloat16"],

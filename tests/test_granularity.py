@@ -38,7 +38,7 @@ _ints = st.integers(0, 15).flatmap(
     else st.integers(-6, 6).map(float))
 _dtype = st.sampled_from([np.float32, jnp.bfloat16])
 _sparsity = st.floats(0, 1, width=32)
-_threshold = st.sampled_from(["sort", "bisect"])
+_threshold = st.sampled_from(["sort", "bisect", "histogram"])
 
 
 @settings(max_examples=15)

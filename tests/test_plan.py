@@ -43,12 +43,24 @@ def test_plan_is_made_without_tracing_from_shapes_alone():
 
 def test_auto_sorts_small_whole_groups_and_searches_large_ones():
   config = _config.make_config(0.5, threshold="auto")
-  big = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
-  assert _plan.make_plan(config, big).schedules[0].groups[0].method == "bisect"
-  small = {"w": jax.ShapeDtypeStruct((32, 64), jnp.float32)}  # 2048 entries.
-  assert _plan.make_plan(config, small).schedules[0].groups[0].method == "sort"
-  assert _thresholds.choose_method("auto", 10, whole=False) == "bisect"
-  assert _thresholds.choose_method("sort", 10**9, whole=False) == "sort"
+  method = lambda shape: _plan.make_plan(
+      config, {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}).schedules[0].groups[0].method
+  assert jax.default_backend() == "cpu"  # The policy below is the CPU's.
+  assert method((32, 32)) == "sort"  # 1024 entries.
+  assert method((32, 33)) == "bisect"
+  assert method((256, 128)) == "histogram"  # 2**15 entries.
+
+
+@pytest.mark.parametrize("backend, size, whole, expected", [
+    ("cpu", 1024, True, "sort"), ("cpu", 1025, True, "bisect"),
+    ("cpu", 10, False, "bisect"),  # A sort would gather a split leaf.
+    ("cpu", 2**15 - 1, True, "bisect"), ("cpu", 2**15, False, "histogram"),
+    ("gpu", 2**26, True, "sort"), ("gpu", 2**26 + 1, True, "histogram"),
+    ("gpu", 10, False, "histogram"), ("tpu", 10**6, True, "sort"),
+])
+def test_auto_policy_by_backend(backend, size, whole, expected):
+  assert _thresholds.choose_method("auto", size, whole, backend) == expected
+  assert _thresholds.choose_method("bisect", size, whole, backend) == "bisect"
 
 
 def test_equal_numbers_share_one_global_ranking():

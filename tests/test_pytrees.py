@@ -43,7 +43,7 @@ _trees = st.recursive(
 @settings(max_examples=40)
 @given(tree=_trees, sparsity=st.floats(0, 1, width=32),
        scope=st.sampled_from(["layer", "global"]),
-       threshold=st.sampled_from(["sort", "bisect", "auto"]))
+       threshold=st.sampled_from(["sort", "bisect", "histogram", "auto"]))
 def test_random_pytrees_prune_like_the_reference(tree, sparsity, scope, threshold):
   # A container at the top: `params=None` is how optax says "not passed".
   params = {"root": jax.tree.map(jnp.asarray, tree)}

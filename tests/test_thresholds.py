@@ -150,18 +150,20 @@ def test_float64_neighbours_are_not_tied():
       np.testing.assert_array_equal(got, [True] * 4 + [False] * 4, err_msg=method)
 
 
-def test_exact_count_and_order_for_a_1e8_entry_leaf():
+@pytest.mark.parametrize("method", ["bisect", "histogram"])
+def test_exact_count_and_order_for_a_1e8_entry_leaf(method):
   # 10**8 weights, 1000 distinct magnitudes with 10**5 ties each. At float32
   # sparsity 0.7 (0.699999988...) exactly round(s * n) = 69,999,999 are pruned,
   # not the 7 * 10**7 a float32 product gives; 99,999 of the 10**5 ties at the
-  # threshold, so the tie search over the flat index runs at full size.
+  # threshold, so the tie search over the flat index runs at full size (27
+  # bits: both levels of the histogram method's index selection).
   n = 10**8
   index = np.arange(n, dtype=np.int32)
   x = ((index % 1000) * 7919 % 1000).astype(np.float32).reshape(10**4, 10**4)
   del index
   k = reference.prune_count(np.float32(0.7), n)
   assert k == 69_999_999 and int(np.float32(0.7) * np.float32(n)) == 70_000_000
-  pruned = ~_masks([x], np.float32(0.7), "bisect")[0].reshape(-1)
+  pruned = ~_masks([x], np.float32(0.7), method)[0].reshape(-1)
   x = x.reshape(-1)
   # These three facts determine the mask: the count, smaller before larger,
   # and ties at the threshold pruned in flat-index order.
