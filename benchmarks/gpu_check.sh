@@ -6,8 +6,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax; print(jax.__version__, jax.devices())"
+# Every method side by side (sort, bisect, histogram, and what "auto" picks).
 python3 -m benchmarks.mask_update --sizes 1e5 1e6 1e7 3e7 1e8 --repeats 7 \
   --out "$OUT/mask_update_gpu.json" --plot "$OUT/mask_update_gpu.png" 2>&1 | grep -v 'it/s\|s/it'
-python3 -m benchmarks.mask_update --sizes 1e7 1e8 --methods bisect --repeats 7 --radix-bits 4 \
-  --out "$OUT/mask_update_gpu_radix4.json" --plot "$OUT/radix4.png" 2>&1 | grep -v 'it/s\|s/it'
+# adam; the in-step lax.cond (bool and packed masks); update_masks=False (no conditional).
 python3 -m benchmarks.step_overhead --repeats 200 --batch-size 512 --out "$OUT/step_overhead_gpu.json"

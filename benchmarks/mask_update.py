@@ -8,6 +8,9 @@ by side with two yardsticks on the same parameters:
 * ``read``: one jitted read pass, ``sum |w|`` (the physical floor);
 * ``sort``: ``jnp.sort`` of every leaf's magnitudes.
 
+``auto`` is resolved per group as the transformation resolves it on this
+backend (``_thresholds.AUTO_POLICIES``).
+
 It prints time / read and time / sort, fits the exponent of time against size
 (1 = linear), reads temporary bytes per parameter from
 ``jax.jit(...).lower(...).compile().memory_analysis()``, and saves
@@ -149,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", type=float, nargs="+",
                       default=[1e5, 1e6, 1e7, 3e7])
-  parser.add_argument("--methods", nargs="+", default=["sort", "bisect", "auto"],
+  parser.add_argument("--methods", nargs="+",
+                      default=["sort", "bisect", "histogram", "auto"],
                       choices=["sort", "bisect", "histogram", "auto"])
   parser.add_argument("--scopes", nargs="+", default=["layer", "global"],
                       choices=["layer", "global"])

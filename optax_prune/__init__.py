@@ -9,6 +9,7 @@ from optax_prune._compact import load_compact
 from optax_prune._compact import save_compact
 from optax_prune._compact import uncompact
 from optax_prune._activations import input_norms
+from optax_prune._config import mask_update_steps
 from optax_prune._activations import InputNorm
 from optax_prune._export import export_size_report
 from optax_prune._export import ExportSizeReport
@@ -75,6 +76,7 @@ __all__ = (
     "load_compact",
     "log_schedule",
     "magnitude_pruning",
+    "mask_update_steps",
     "n_of_m",
     "nm_matmul",
     "polynomial_schedule",

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_prune import _bits
 from optax_prune import _checks
@@ -161,3 +162,40 @@ def _checked_schedules(spec: Any) -> Any:
     return _paths.PathRules(
         tuple((p, convert(v)) for p, v in spec.rules), convert(spec.default))
   return jax.tree.map(convert, spec, is_leaf=is_schedule_leaf)
+
+
+def mask_update_steps(schedule: Any, num_steps: int) -> np.ndarray:
+  """The steps in ``[0, num_steps)`` at which ``schedule`` recomputes masks.
+
+  For a training loop that compiles its mask-update step apart from the others
+  (``tx.update(..., update_masks=step in due)``, see ``magnitude_pruning``): no
+  step then reads a flag on the host. All schedules are evaluated at once, in
+  one jitted call per schedule.
+
+  Args:
+    schedule: what ``magnitude_pruning`` takes as ``schedule``: a sparsity, a
+      schedule, a pytree of those (``None`` for unpruned subtrees) or
+      :func:`by_path` rules. A step is listed when any of them updates there.
+    num_steps: the number of optimizer steps, >= 0 (the state's ``count``
+      runs 0, 1, ...).
+
+  Returns:
+    The sorted int64 NumPy array of those steps.
+
+  Examples:
+    >>> import optax_prune
+    >>> schedule = optax_prune.polynomial_schedule(
+    ...     0.9, begin_step=10, end_step=40, frequency=10)
+    >>> optax_prune.mask_update_steps(schedule, 100)
+    array([10, 20, 30, 40])
+    >>> optax_prune.mask_update_steps({"a": 0.5, "b": None}, 100)
+    array([0])
+  """
+  num_steps = _checks.integer("num_steps", num_steps, 0, _checks.INT32_MAX)
+  steps = jnp.arange(num_steps, dtype=jnp.int32)
+  due = np.zeros(num_steps, bool)
+  for fn in _paths.spec_values(_checked_schedules(schedule), is_schedule_leaf):
+    if fn is not None:
+      flags = jax.jit(jax.vmap(lambda step, fn=fn: jnp.asarray(fn(step).update, bool)))(steps)
+      due |= np.asarray(flags)
+  return np.flatnonzero(due)

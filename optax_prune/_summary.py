@@ -44,6 +44,8 @@ class SparsitySummary(NamedTuple):
   # the steps whose updates were 0 on every pruned leaf.
   steps: Optional[int] = None
   zero_update_steps: Optional[int] = None
+  # Steps at which a schedule was due but the step ran `update_masks=False`.
+  skipped_mask_updates: Optional[int] = None
 
   def __str__(self) -> str:
     cells = lambda path, shape, size, zeros, pruned, sparsity: (
@@ -64,6 +66,8 @@ class SparsitySummary(NamedTuple):
     if counts_micro_batches(self.steps, self.zero_update_steps):
       table += "\n" + _ZERO_UPDATES_WARNING.format(
           n=self.zero_update_steps, steps=self.steps)
+    if self.skipped_mask_updates:
+      table += "\n" + _SKIPPED_UPDATES_WARNING.format(n=self.skipped_mask_updates)
     return table
 
 
@@ -80,6 +84,15 @@ _ZERO_UPDATES_WARNING = (
     " `optax.MultiSteps` come before `magnitude_pruning` in the chain? It"
     " passes zeros on every micro-batch but the last; wrap the whole chain"
     " instead: `optax.MultiSteps(optax.chain(adamw, magnitude_pruning(...)), k)`."
+)
+
+
+_SKIPPED_UPDATES_WARNING = (
+    "WARNING: {n} steps at which the pruning schedule was due ran with"
+    " `update_masks=False`, so their mask updates were skipped. Pass"
+    " `update_masks=True` at the steps `optax_prune.mask_update_steps(schedule,"
+    " num_steps)` lists, counting steps as the state does (from 0, one per"
+    " `update` call)."
 )
 
 
@@ -117,11 +130,12 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
     >>> summary.rows[0].zeros, summary.sparsity
     (1, 0.5)
   """
-  steps = zero_update_steps = None
+  steps = zero_update_steps = skipped = None
   if masks is not None and _transform.pruning_states(masks):
     state = _transform.find_pruning_state(masks)
-    masks, steps, zero_update_steps = (
-        state.masks, int(state.count), int(state.zero_update_steps))
+    masks, steps, zero_update_steps, skipped = (
+        state.masks, int(state.count), int(state.zero_update_steps),
+        int(state.skipped_mask_updates))
   path_leaves, mask_leaves = _paths.pair_masks(tree, masks, "tree")
   rows = []
   for (path, leaf), mask in zip(path_leaves, mask_leaves):
@@ -160,6 +174,7 @@ def sparsity_summary(tree: Any, masks: Any = None) -> SparsitySummary:
       masked_sparsity=masked_sparsity,
       pruned_nonzero=None if masks is None else sum(r.pruned_nonzero or 0 for r in rows),
       steps=steps, zero_update_steps=zero_update_steps,
+      skipped_mask_updates=skipped,
   )
 
 
@@ -178,6 +193,8 @@ def pruning_metrics(opt_state: Any, params: Any = None) -> dict[str, jax.Array]:
   * ``"pruning/zero_update_steps"``: steps whose updates were 0 on that
     leaf; near the step count, the schedule counts micro-batches (an
     ``optax.MultiSteps`` before the pruning link);
+  * ``"pruning/skipped_mask_updates"``: steps at which a schedule was due
+    but the step ran ``update_masks=False`` (0 unless that option is used);
   * ``"pruning/sparsity/<path>"`` and ``"pruning/target/<path>"`` per pruned
     leaf: its pruned fraction and the sparsity asked of it;
   * with ``params``, ``"pruning/model_sparsity"``: pruned entries over all
@@ -200,7 +217,8 @@ def pruning_metrics(opt_state: Any, params: Any = None) -> dict[str, jax.Array]:
     >>> _, state = tx.update(params, tx.init(params), params)
     >>> {k: float(v) for k, v in optax_prune.pruning_metrics(state, params).items()}
     {'pruning/step': 1.0, 'pruning/sparsity': 0.5, 'pruning/pruned_nonzero': 0.0, \
-'pruning/zero_update_steps': 0.0, 'pruning/sparsity/w': 0.5, 'pruning/target/w': 0.5, \
+'pruning/zero_update_steps': 0.0, 'pruning/skipped_mask_updates': 0.0, \
+'pruning/sparsity/w': 0.5, 'pruning/target/w': 0.5, \
 'pruning/model_sparsity': 0.25}
   """
   state = _transform.find_pruning_state(opt_state)
@@ -225,6 +243,7 @@ def pruning_metrics(opt_state: Any, params: Any = None) -> dict[str, jax.Array]:
       "pruning/sparsity": total / max(sum(sizes), 1),
       "pruning/pruned_nonzero": state.pruned_nonzero,
       "pruning/zero_update_steps": state.zero_update_steps,
+      "pruning/skipped_mask_updates": state.skipped_mask_updates,
   }
   for (path, _), size, n in zip(masks, sizes, pruned):
     metrics[f"pruning/sparsity/{_paths.readable(path)}"] = n / max(size, 1)

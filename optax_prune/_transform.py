@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -23,6 +24,13 @@ from optax_prune import _placement
 from optax_prune import _plan
 from optax_prune import _rules
 from optax_prune import _scores
+
+_UPDATE_MASKS_MSG = (
+    "`update_masks` must be None (a mask update where the schedule is due,"
+    " decided inside the step), True or False (a Python bool, static under"
+    " `jit`: a step compiled with or without the mask update); got {value!r}."
+    " Pass it as a static argument: `jax.jit(step, static_argnames='update_masks')`."
+)
 
 _NO_PARAMS_MSG = (
     "`magnitude_pruning` ranks the current parameters, so its `update` needs"
@@ -37,8 +45,8 @@ class MagnitudePruningState(NamedTuple):
   ``masks`` has the params' structure, so ``optax.tree_utils.tree_map_params``
   maps it with the params (pass ``is_leaf=lambda x: isinstance(x,
   optax.MaskedNode)`` when ``rest`` trees are given, as for ``optax.masked``);
-  ``count``, ``target_sparsity``, ``pruned_units``, ``pruned_nonzero`` and
-  ``zero_update_steps`` are not params-shaped and are left to
+  ``count``, ``target_sparsity``, ``pruned_units`` and the three counters
+  are not params-shaped and are left to
   ``transform_non_params``. Masks are read as ``mask != 0``, so a float cast
   of the state (to bf16, say) changes no decision.
   """
@@ -66,6 +74,9 @@ class MagnitudePruningState(NamedTuple):
   #                               them as steps: a step count made of
   #                               micro-batches (`chain(MultiSteps(...),
   #                               pruning)`) shows here.
+  skipped_mask_updates: jax.Array  # int32 scalar: steps at which a schedule
+  #                                  asked for new masks but the step was
+  #                                  compiled with `update_masks=False`.
 
 
 def magnitude_pruning(
@@ -79,7 +90,7 @@ def magnitude_pruning(
     score: Union[str, _scores.ScoreFn] = "magnitude",
     seed: int = 0,
     packed_masks: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Gradual magnitude pruning as the last link of an optax chain.
 
   The state holds a step count and a keep-mask per pruned leaf. At a step where
@@ -100,6 +111,16 @@ def magnitude_pruning(
   pruned weights are exactly zero: momentum, Adam moments and weight decay
   earlier in the chain cannot revive them. Like
   ``optax.keep_params_nonnegative``, it must come last in a chain.
+
+  By default one compiled step serves the whole run: a ``lax.cond`` on the
+  schedule's ``update`` flag runs the mask update only where it is due (on
+  GPU XLA reads that flag on the host, about 0.1 ms per step). A training
+  loop that knows its step can compile the two kinds of step apart instead:
+  ``update(..., update_masks=False)`` leaves out the mask update (no
+  conditional, no host read), ``update_masks=True`` runs it unconditionally
+  and keeps its result where a schedule is due. :func:`mask_update_steps`
+  lists the steps that need ``True``; a due step run with ``False`` is
+  counted in ``skipped_mask_updates`` and shown by ``sparsity_summary``.
 
   Args:
     schedule: a schedule (``step -> PruningTarget``, see
@@ -155,7 +176,10 @@ def magnitude_pruning(
       its param's ``PartitionSpec``; read it with :func:`unpack_masks`.
 
   Returns:
-    An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
+    ``params`` and takes the keyword ``update_masks`` (``None``, ``True`` or
+    ``False``, a Python bool: static under ``jit``); ``optax.chain`` and
+    ``nnx.Optimizer.update`` pass it through.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_prune
@@ -182,7 +206,7 @@ def magnitude_pruning(
 
 def masking(
     config: _config.PruningConfig, rule: _rules.MaskRule
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """The chained transformation for ``config``, its masks recomputed by ``rule``.
 
   ``magnitude_pruning`` is ``masking(config, _rules.prune_smallest)``; another
@@ -202,11 +226,15 @@ def masking(
         pruned_units=jnp.zeros(len(plan.pruned_indices), jnp.int32),
         pruned_nonzero=jnp.zeros((), jnp.int32),
         zero_update_steps=jnp.zeros((), jnp.int32),
+        skipped_mask_updates=jnp.zeros((), jnp.int32),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, update_masks=None, **extra_args):
+    del extra_args  # Meant for other links of the chain.
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
+    if not (update_masks is None or isinstance(update_masks, (bool, np.bool_))):
+      raise ValueError(_UPDATE_MASKS_MSG.format(value=update_masks))
     plan = _plan.make_plan(config, params)
     param_leaves = plan.treedef.flatten_up_to(params)
     update_leaves = _flatten(plan, updates, "updates")
@@ -224,7 +252,8 @@ def masking(
       )
 
     now = inputs()
-    new_stored, targets, pruned = update_masks(plan, rule, inputs, state, stored, layout)
+    new_stored, targets, pruned, skipped = new_masks(
+        plan, rule, inputs, state, stored, layout, update_masks)
     masks = _read(plan, layout, new_stored, param_leaves)
     return apply_masks(plan, now, masks), MagnitudePruningState(
         count=optax.safe_int32_increment(state.count),
@@ -235,21 +264,28 @@ def masking(
         zero_update_steps=jnp.where(
             all_zero(plan, now), optax.safe_int32_increment(state.zero_update_steps),
             state.zero_update_steps),
+        skipped_mask_updates=jnp.where(
+            skipped, optax.safe_int32_increment(state.skipped_mask_updates),
+            state.skipped_mask_updates),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def update_masks(
+def new_masks(
     plan: _plan.Plan, rule: _rules.MaskRule, inputs: Callable[[], _rules.MaskInputs],
     state: MagnitudePruningState, stored: list, layout: _bits.MaskLayout,
-) -> tuple[list, jax.Array, jax.Array]:
-  """Masks as stored (flat, like params), targets and pruned units after this step.
+    update_masks: Optional[bool] = None,
+) -> tuple[list, jax.Array, jax.Array, jax.Array]:
+  """Masks as stored (flat, like params), targets, pruned units after this step,
+  and whether a due mask update was skipped (bool scalar).
 
-  One ``lax.cond`` per schedule, on its ``update`` flag: the rule runs only
-  on update steps, with the schedule's sparsity and ``inputs()`` (built inside
-  the branch), and its masks are stored in ``layout``; otherwise the stored
-  masks pass through untouched.
+  Per schedule, on its ``update`` flag: with ``update_masks=None`` a
+  ``lax.cond`` runs the rule only on update steps, with the schedule's
+  sparsity and ``inputs()`` (built inside the branch), and its masks are
+  stored in ``layout``; otherwise the stored masks pass through untouched.
+  ``True`` runs the rule and selects its result by the flag (no conditional);
+  ``False`` leaves the rule out of the step and reports a due flag as skipped.
   """
   masks = list(stored)
   targets = _per_leaf(plan, jnp.asarray(state.target_sparsity).astype(jnp.float32))
@@ -259,18 +295,25 @@ def update_masks(
     new = rule(schedule, sparsity, inputs())
     return new._replace(masks=[layout.store(m) for m in new.masks])
 
+  skipped = jnp.zeros((), bool)
   for schedule in plan.schedules:
     target = schedule.schedule(state.count)
     indices = [leaf.index for leaf in schedule.leaves]
     old = _rules.MaskUpdate(*([field[i] for i in indices] for field in (masks, targets, pruned)))
-    new = lax.cond(target.update, lambda s=schedule, x=target.sparsity: run(s, x),
-                   lambda old=old: old)
+    if update_masks is None:
+      new = lax.cond(target.update, lambda s=schedule, x=target.sparsity: run(s, x),
+                     lambda old=old: old)
+    elif update_masks:
+      new = jax.tree.map(lambda a, b, due=target.update: jnp.where(due, a, b),
+                         run(schedule, target.sparsity), old)
+    else:
+      new, skipped = old, skipped | target.update
     for field, values in zip((masks, targets, pruned), new):
       for i, value in zip(indices, values):
         field[i] = value
   stack = lambda values, dtype: jnp.asarray(
       [values[i] for i in plan.pruned_indices], dtype).reshape(-1)
-  return masks, stack(targets, jnp.float32), stack(pruned, jnp.int32)
+  return masks, stack(targets, jnp.float32), stack(pruned, jnp.int32), skipped
 
 
 def _read(plan: _plan.Plan, layout: _bits.MaskLayout, stored: list, params: list) -> list:

@@ -37,11 +37,11 @@ def configurations():
           2, 4, axis=-2 if x.shape[-2] % 4 == 0 else -1), params)
   out = []
   for scope in ("layer", "global"):
-    for threshold in ("sort", "bisect", "auto"):
+    for threshold in ("sort", "bisect", "histogram", "auto"):
       for score in ("magnitude", "saliency", "random"):
         out.append((f"{scope}-{threshold}-{score}",
                     dict(schedule=schedule, scope=scope, threshold=threshold, score=score)))
-  for threshold in ("sort", "bisect"):
+  for threshold in ("sort", "bisect", "histogram"):
     for name, granularity in (
         ("blocks-mean", optax_prune.blocks((4, 4))),
         ("blocks-max", optax_prune.blocks((4, 4), reduce="max")),

@@ -1,8 +1,13 @@
 """Shared test set-up."""
 
+import os
+import signal
+
 import jax
 import pytest
 from hypothesis import settings
+
+from tests import mesh_run
 
 # 30 examples per property keep the whole suite near 4 minutes on 2 cores.
 settings.register_profile("ci", max_examples=30, deadline=None)
@@ -17,3 +22,27 @@ def strict_promotion():
   """
   with jax.numpy_dtype_promotion("strict"):
     yield
+
+
+def _selects_mesh_checks(config) -> bool:
+  """Whether the session runs all of tests/test_sharding.py (no -k, no -m)."""
+  if config.option.keyword or config.option.markexpr:
+    return False
+  target = os.path.join(mesh_run.ROOT, "tests", "test_sharding.py")
+  paths = [os.path.abspath(a.split("::")[0]) for a in config.args] or [os.getcwd()]
+  return any(target == p or target.startswith(p.rstrip(os.sep) + os.sep) for p in paths)
+
+
+def pytest_sessionstart(session):
+  # The controller (or a plain run) starts the 8-device mesh checks now, in the
+  # background, so they overlap with the other tests (tests/mesh_run.py).
+  config = session.config
+  if hasattr(config, "workerinput") or not _selects_mesh_checks(config):
+    return
+  config.mesh_run = mesh_run.start(config._tmp_path_factory.getbasetemp())
+
+
+def pytest_sessionfinish(session):
+  proc = getattr(session.config, "mesh_run", None)
+  if proc is not None and proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)  # The shell and the checks under it.

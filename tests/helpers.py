@@ -30,31 +30,38 @@ def loss(tree):
 
 
 def make_step(tx, jit=True, traces=None):
-  """``step(params, state) -> (params, state)`` with gradients of :func:`loss`."""
+  """``step(params, state, update_masks=None) -> (params, state)`` with
+  gradients of :func:`loss`; ``update_masks`` is static under ``jit``."""
 
-  def step(p, state):
+  def step(p, state, update_masks=None):
     if traces is not None:
-      traces.append(1)
+      traces.append(update_masks)
     grads = jax.grad(loss)(p)
     grads = jax.tree.map(lambda g, x: g.astype(x.dtype), grads, p)
-    updates, state = tx.update(grads, state, p)
+    extra = {} if update_masks is None else {"update_masks": update_masks}
+    updates, state = tx.update(grads, state, p, **extra)
     return optax.apply_updates(p, updates), state
 
-  return jax.jit(step) if jit else step
+  return jax.jit(step, static_argnames="update_masks") if jit else step
 
 
-def train(tx, p, steps, jit=True):
-  """Yields ``(step, params_before, state_after, params_after)``; the jitted
-  step must compile once for the whole run."""
+def train(tx, p, steps, jit=True, due_steps=None):
+  """Yields ``(step, params_before, state_after, params_after)``.
+
+  With ``due_steps`` (the steps that update masks), each step passes
+  ``update_masks=step in due_steps``: two compiled steps, with and without
+  the mask update. The jitted step compiles once per kind of step.
+  """
   traces = []
   step = make_step(tx, jit, traces)
   state = tx.init(p)
   for t in range(steps):
-    new_p, state = step(p, state)
+    flag = None if due_steps is None else bool(t in due_steps)
+    new_p, state = step(p, state, update_masks=flag)
     yield t, p, state, new_p
     p = new_p
   if jit:
-    assert len(traces) == 1, "the train step recompiled"
+    assert len(traces) == len(set(traces)), "the train step recompiled"
 
 
 def pruned_units(granularity, mask):

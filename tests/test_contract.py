@@ -49,6 +49,9 @@ FACTORS = {
     "optimizer": ["sgd-momentum", "adamw"],
     "dtype": ["float32", "bfloat16"],
     "masks": ["bool", "packed"],  # The state's mask layout (`packed_masks`).
+    # Mask updates decided inside one compiled step (`update_masks=None`), or
+    # by the loop: `update_masks=step in mask_update_steps(...)`, two compiles.
+    "mask_step": ["in-step", "static"],
 }
 OPTIMIZERS = {
     "sgd-momentum": lambda: optax.sgd(0.05, momentum=0.9),
@@ -67,7 +70,8 @@ def _name(config):
   g = config["granularity"]
   return "-".join([config["score"], "unstructured" if g is None else repr(g),
                    config["scope"], config["threshold"], config["distribution"],
-                   config["optimizer"], config["dtype"], config["masks"]])
+                   config["optimizer"], config["dtype"], config["masks"],
+                   config["mask_step"]])
 
 
 def test_battery_covers_every_allowed_pair():
@@ -96,8 +100,11 @@ def test_contract(config):
   tx = _transformation(config)
   granularity = config["granularity"]
   previous = None
-  for t, before, state, after in helpers.train(tx, _params(config), STEPS):
+  due = (set(optax_prune.mask_update_steps(SCHEDULE, STEPS).tolist())
+         if config["mask_step"] == "static" else None)
+  for t, before, state, after in helpers.train(tx, _params(config), STEPS, due_steps=due):
     pstate = optax_prune.find_pruning_state(state)
+    assert int(pstate.skipped_mask_updates) == 0
     stored = [pstate.masks[k]["kernel"] for k in KERNELS]
     assert all(m.dtype == (np.uint8 if config["masks"] == "packed" else bool) for m in stored)
     read = optax_prune.unpack_masks(pstate.masks, after)
@@ -148,7 +155,8 @@ def _smallest_pruned(x, n):
 
 
 def _transformation(config):
-  kwargs = {k: v for k, v in config.items() if k not in ("optimizer", "dtype", "masks")}
+  kwargs = {k: v for k, v in config.items()
+            if k not in ("optimizer", "dtype", "masks", "mask_step")}
   kwargs["packed_masks"] = config["masks"] == "packed"
   return optax.chain(OPTIMIZERS[config["optimizer"]](),
                      optax_prune.magnitude_pruning(SCHEDULE, **kwargs))

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from flax.training import train_state
 
@@ -70,28 +71,33 @@ class NNXMLP(nnx.Module):
     return self.out(nnx.relu(self.hidden(x)))
 
 
-def test_nnx_optimizer_prunes_exactly_under_nnx_jit():
+@pytest.mark.parametrize("mask_step", ["in-step", "static"])
+def test_nnx_optimizer_prunes_exactly_under_nnx_jit(mask_step):
+  # "static": `update_masks` passes through `nnx.Optimizer.update` and the
+  # chain; the mask-update step compiles apart from the others.
+  due = set(optax_prune.mask_update_steps(SCHEDULE, 30).tolist())
   x, y = _data()
   model = NNXMLP(nnx.Rngs(0))
   tx = optax.chain(optax.sgd(0.1, momentum=0.9), optax_prune.magnitude_pruning(SCHEDULE, distribution="uniform"))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   traces = []
 
-  @nnx.jit
-  def step(model, optimizer):
+  @nnx.jit(static_argnames="update_masks")
+  def step(model, optimizer, update_masks=None):
     traces.append(1)
     grads = nnx.grad(lambda m: _loss(m(x), y))(model)
-    optimizer.update(model, grads)
+    optimizer.update(model, grads, update_masks=update_masks)
 
   for t in range(30):
     before = np.asarray(model.hidden.kernel[...])
-    step(model, optimizer)
+    step(model, optimizer, update_masks=(t in due) if mask_step == "static" else None)
     pstate = optax_prune.find_pruning_state(nnx.as_pure(optimizer.opt_state))
     mask = np.asarray(pstate.masks["hidden"]["kernel"])
     if bool(SCHEDULE(t).update):
       np.testing.assert_array_equal(mask, reference.keep_masks([before], SCHEDULE(t).sparsity)[0])
     assert np.all(np.asarray(model.hidden.kernel[...])[~mask] == 0.0)
-  assert len(traces) == 1
+  assert len(traces) == (1 if mask_step == "in-step" else 2)
+  assert int(pstate.skipped_mask_updates) == 0
   params = nnx.state(model, nnx.Param)
   summary = optax_prune.sparsity_summary(params, pstate.masks)
   paths = [r.path for r in summary.rows]

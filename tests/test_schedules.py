@@ -114,3 +114,25 @@ def test_schedules_do_not_recompile_per_step():
 def test_bad_schedule_arguments_raise_at_construction(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_mask_update_steps_lists_the_formulas_update_steps():
+  # The hook's update epochs: multiples of interval_pass up to end_pass, and end_pass.
+  log = optax_prune.log_schedule(0.9, 3, 10, steps_per_epoch=4)
+  assert optax_prune.mask_update_steps(log, 60).tolist() == [0, 12, 24, 36, 40]
+  poly = optax_prune.polynomial_schedule(0.8, begin_step=5, end_step=17, frequency=5)
+  assert optax_prune.mask_update_steps(poly, 40).tolist() == [5, 10, 15, 17]
+  # Any schedule of a pytree or of `by_path` rules; None prunes nothing.
+  tree = {"a": log, "b": {"c": poly, "d": None}}
+  assert optax_prune.mask_update_steps(tree, 20).tolist() == [0, 5, 10, 12, 15, 17]
+  rules = optax_prune.by_path({"dense": 0.5}, default=poly)
+  assert optax_prune.mask_update_steps(rules, 12).tolist() == [0, 5, 10]
+  assert optax_prune.mask_update_steps(None, 12).tolist() == []
+  assert optax_prune.mask_update_steps(0.3, 0).tolist() == []
+
+
+def test_mask_update_steps_rejects_bad_arguments():
+  with pytest.raises(ValueError, match="`num_steps`"):
+    optax_prune.mask_update_steps(0.5, -1)
+  with pytest.raises(ValueError, match="`schedule`"):
+    optax_prune.mask_update_steps(1.5, 10)

@@ -4,9 +4,7 @@ Faked CPU devices are configured before JAX starts, so every check here runs in
 a subprocess (``tests/sharding_checks.py``), leaving this process's JAX alone.
 """
 
-import fcntl
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,32 +13,18 @@ import time
 import numpy as np
 import pytest
 
+from tests import mesh_run
 from tests import sharding_checks
 
 # One xdist worker for all where `--dist loadgroup` groups (pytest < 9); the
 # 8-device subprocess runs once either way (see `mesh_results`).
 pytestmark = pytest.mark.xdist_group("sharding")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Bounds that keep a stuck collective from hanging CI.
-MESH_TIMEOUT_S = 300
+ROOT = mesh_run.ROOT
+# Bound that keeps a stuck collective from hanging CI.
 WORKER_TIMEOUT_S = 180
 # Checks known to fail, by name -> reason (strict xfails). None at present.
 KNOWN_FAILURES: dict[str, str] = {}
-
-
-def _env(devices: int) -> dict:
-  env = dict(os.environ)
-  env.update(
-      JAX_PLATFORMS="cpu",  # `-m` from ROOT puts the repository on the path.
-      # Backend optimization level 0 halves compile time; what we check
-      # (partitioning, collectives, exact masks) does not depend on it.
-      XLA_FLAGS=(
-          f"--xla_force_host_platform_device_count={devices}"
-          " --xla_backend_optimization_level=0"
-      ),
-  )
-  return env
 
 
 def _output(proc_stdout: str, proc_stderr: str) -> str:
@@ -51,29 +35,17 @@ def _output(proc_stdout: str, proc_stderr: str) -> str:
 def mesh_results(tmp_path_factory, worker_id):
   """The mesh checks' results, computed once per test session.
 
-  xdist workers share the session's base folder: the first to take the lock
-  runs the subprocess, the others read its file (under pytest 9 xdist's
-  ``loadgroup`` no longer keeps a group on one worker).
-  A failed run is stored too, so that it is not repeated.
+  The pytest controller starts them in the background at the session's start
+  (``conftest.py``); xdist workers share the session's base folder and wait
+  for that run's files, or run it once under a lock when nothing started it.
+  A failed run is reported by every test that reads it, never repeated.
   """
   root = tmp_path_factory.getbasetemp()
   root = root if worker_id == "master" else root.parent
-  out, failure = root / "mesh_results.json", root / "mesh_results.failed"
-  with open(root / "mesh_results.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not out.exists() and not failure.exists():
-      proc = subprocess.run(
-          [sys.executable, "-m", "tests.sharding_checks", "mesh", str(out)],
-          cwd=ROOT, env=_env(8), capture_output=True, text=True,
-          timeout=MESH_TIMEOUT_S, check=False,
-      )
-      if proc.returncode != 0 or not out.exists():
-        out.unlink(missing_ok=True)
-        failure.write_text(f"the mesh checks exited with {proc.returncode}\n"
-                           + _output(proc.stdout, proc.stderr))
-  if failure.exists():
-    pytest.fail(failure.read_text(), pytrace=False)
-  return json.loads(out.read_text())
+  ok, text = mesh_run.results(root)
+  if not ok:
+    pytest.fail(text, pytrace=False)
+  return json.loads(text)
 
 
 def _params(names):
@@ -107,7 +79,7 @@ def test_two_processes_hold_identical_masks_equal_to_one_device(tmp_path):
       subprocess.Popen(
           [sys.executable, "-m", "tests.sharding_checks", "worker", str(i),
            str(port), str(tmp_path)],
-          cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          cwd=ROOT, env=mesh_run.env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           text=True,
       )
       for i in range(2)

@@ -182,3 +182,57 @@ def test_a_leaf_that_changes_shape_is_a_clear_error():
   state = tx.init({"w": jnp.ones((8, 8))})
   with pytest.raises(ValueError, match="do not match the pruning state"):
     tx.update({"w": jnp.ones((4, 4))}, state, {"w": jnp.ones((4, 4))})
+
+
+# Mask updates at steps 0, 2 and 4.
+_EVERY_OTHER = optax_prune.polynomial_schedule(0.75, begin_step=0, end_step=4, frequency=2)
+
+
+def _run(tx, flags):
+  step = helpers.make_step(tx)
+  p, state = _params(), tx.init(_params())
+  for flag in flags:
+    p, state = step(p, state, update_masks=flag)
+  return p, state
+
+
+def test_update_masks_static_steps_equal_the_in_step_condition():
+  tx = optax.chain(optax.adam(0.05), optax_prune.magnitude_pruning(_EVERY_OTHER))
+  due = set(optax_prune.mask_update_steps(_EVERY_OTHER, 7).tolist())
+  assert due == {0, 2, 4}
+  in_step = _run(tx, [None] * 7)
+  for flags in ([t in due for t in range(7)], [True] * 7):
+    # `True` at a step that is not due computes masks and keeps the old ones.
+    jax.tree.map(np.testing.assert_array_equal, _run(tx, flags), in_step)
+  assert int(optax_prune.find_pruning_state(in_step[1]).skipped_mask_updates) == 0
+
+
+def test_update_masks_false_at_due_steps_is_counted_and_shown():
+  tx = optax.chain(optax.sgd(0.1), optax_prune.magnitude_pruning(_EVERY_OTHER))
+  p, state = _run(tx, [False] * 5)
+  pstate = optax_prune.find_pruning_state(state)
+  assert int(pstate.skipped_mask_updates) == 3  # Steps 0, 2, 4.
+  assert all(np.asarray(m).all() for m in jax.tree.leaves(pstate.masks))  # Never updated.
+  assert int(optax_prune.pruning_metrics(state)["pruning/skipped_mask_updates"]) == 3
+  summary = optax_prune.sparsity_summary(p, state)
+  assert summary.skipped_mask_updates == 3
+  assert "3 steps at which the pruning schedule was due" in str(summary)
+
+
+def test_a_step_without_mask_update_compiles_no_conditional():
+  # No conditional: nothing for a GPU to read on the host on those steps.
+  tx = optax.chain(optax.adam(0.05), optax_prune.magnitude_pruning(_EVERY_OTHER))
+  p = _params()
+  step = jax.jit(lambda p, s, flag: tx.update(p, s, p, update_masks=flag),
+                 static_argnums=2)
+  hlo = lambda flag: step.lower(p, tx.init(p), flag).compile().as_text()
+  assert " conditional(" in hlo(None)
+  assert " conditional(" not in hlo(False)
+
+
+@pytest.mark.parametrize("flag", [jnp.array(True), np.array([True]), "yes", 1])
+def test_update_masks_must_be_a_python_bool(flag):
+  tx = optax_prune.magnitude_pruning(0.5)
+  p = _params()
+  with pytest.raises(ValueError, match="`update_masks` must be None .* True or False"):
+    tx.update(p, tx.init(p), p, update_masks=flag)

@@ -12,17 +12,17 @@ from benchmarks import step_overhead
 
 def test_mask_update_writes_records(tmp_path):
   out, png = tmp_path / "mask.json", tmp_path / "mask.png"
-  mask_update.main(["--sizes", "2e3", "5e3", "--repeats", "1", "--methods", "sort", "bisect",
+  mask_update.main(["--sizes", "2e3", "5e3", "--repeats", "1", "--methods", "sort", "histogram",
                     "--out", str(out), "--plot", str(png)])
   payload = json.loads(out.read_text())
   assert payload["machine"]["jax"] and png.stat().st_size > 0
   records = payload["records"]
   configs = {(r["method"], r["scope"]) for r in records}
-  assert configs == {(m, s) for m in ("sort", "bisect") for s in ("layer", "global")} | {
+  assert configs == {(m, s) for m in ("sort", "histogram") for s in ("layer", "global")} | {
       ("yardstick:read", "-"), ("yardstick:sort", "-")}
   for r in records:
     assert r["params"] > 0 and r["seconds"] > 0 and math.isfinite(r["temp_bytes_per_param"])
-  assert set(payload["exponents"]) >= {"bisect/layer", "sort/global"}
+  assert set(payload["exponents"]) >= {"histogram/layer", "sort/global"}
 
 
 def test_step_overhead_writes_ratios(tmp_path):
@@ -33,3 +33,4 @@ def test_step_overhead_writes_ratios(tmp_path):
   assert [r["model"] for r in records] == ["digits-cnn"]
   for r in records:
     assert r["ratio"] == r["pruned_seconds"] / r["adam_seconds"] > 0
+    assert r["static_ratio"] == r["static_seconds"] / r["adam_seconds"] > 0
