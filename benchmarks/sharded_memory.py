@@ -140,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--size", type=float, default=4e6,
                       help="entries in all kernels (default 4e6, 16 MB of float32)")
-  parser.add_argument("--methods", nargs="+", default=["sort", "bisect", "auto"],
+  parser.add_argument("--methods", nargs="+", default=["sort", "bisect", "histogram", "auto"],
                       choices=["sort", "bisect", "histogram", "auto"])
   parser.add_argument("--scopes", nargs="+", default=["layer", "global"],
                       choices=["layer", "global"])

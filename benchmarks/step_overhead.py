@@ -14,6 +14,7 @@ medians) and the bytes of the masks in the state. Saves
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -60,6 +61,19 @@ def make_step(model, tx, update_masks=None):
   return step
 
 
+def compile_times(model, tx, params, x, y) -> dict[str, float]:
+  """Seconds to lower and compile the step: one step deciding mask updates
+  inside (``None``), and the two steps of a loop that decides (``False``,
+  ``True``)."""
+  state = tx.init(params)
+  out = {}
+  for update_masks in (None, False, True):
+    start = time.perf_counter()
+    make_step(model, tx, update_masks).lower(params, state, x, y).compile()
+    out[str(update_masks)] = time.perf_counter() - start
+  return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.step_overhead",
                                    description=__doc__.split("\n")[0])
@@ -95,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       first = step if update_masks is None else make_step(model, tx, True)
       p, state = first(params, state, x, y)
       runs[label] = lambda step=step, p=p, state=state: step(p, state, x, y)
+    compile_seconds = compile_times(model, pruning(packed_masks=True), params, x, y)
     fastest = _common.time_side_by_side(runs, args.repeats, warmup=3, statistic=min)
     typical = _common.time_side_by_side(runs, args.repeats, warmup=0)
     records.append({
@@ -111,6 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "median_static_ratio": typical["static"] / typical["adam"],
         "median_ratio": typical["bool masks"] / typical["adam"],
         "median_packed_vs_bool": typical["packed masks"] / typical["bool masks"],
+        "compile_seconds": compile_seconds,
         "bool_mask_bytes": mask_bytes["bool masks"],
         "packed_mask_bytes": mask_bytes["packed masks"],
     })
@@ -123,6 +139,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
        for r in records],
       ("model", "params", "adam ms", "bool ms", "packed ms", "bool / adam",
        "packed / adam", "packed / bool", "static / adam", "mask bytes bool / packed")))
+  for r in records:
+    c = r["compile_seconds"]
+    print(f"compile {r['model']}: one step deciding inside {c['None']:.2f} s;"
+          f" without + with the mask update {c['False']:.2f} + {c['True']:.2f} s")
   print("\nms: minimum step time over the interleaved repeats; ratios of minima."
         " static: packed masks, the step compiled with update_masks=False.")
   path = _common.pathlib.Path(args.out)

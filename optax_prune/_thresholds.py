@@ -33,9 +33,10 @@ Methods:
   per 16-bit digit of the key (a scatter-add; two passes for float32 keys),
   each level counting only keys on the prefix decided so far, then one pass
   that writes the masks; split ties are resolved by the same histograms over
-  the flat index. On split leaves each device counts its shard and only the
-  counts (2**16 integers) are all-reduced. 3-5x faster than bisect on CPU at
-  1e7 entries (benchmarks/RESULTS.md).
+  the flat index (two levels of about sqrt(leaf size) counts). On split
+  leaves each device counts its shard and only the counts are all-reduced
+  (2**16 and 2**15 integers per group, never a leaf). 3.1-4.3x faster than bisect on
+  CPU at 1e7-3e7 entries (benchmarks/RESULTS.md, section 2).
 * ``"auto"``: per group and backend, :func:`choose_method`.
 """
 
@@ -241,48 +242,52 @@ def masks_by_bisection(
     equal = [_count(magnitude_keys(x, wide) == threshold) for x in group]
     remaining = k_group - sum(less)  # Ties at `threshold` still to prune.
     out.append([
-        _keep_mask(x, threshold, _tie_cutoff(x, threshold, ties, n_equal, radix_bits))
+        _keep_mask(x, threshold, _tie_cutoff(
+            x, ties, n_equal, lambda x=x, ties=ties: _last_tie_by_radix(
+                x, threshold, ties, radix_bits)))
         for x, ties, n_equal in zip(group, _ties_to_prune(equal, remaining), equal)
     ])
   return out
 
 
-def _tie_cutoff(x, threshold, ties, n_equal, radix_bits):
-  """Flat index just past the ``ties``-th key of ``x`` equal to ``threshold``.
+def _tie_cutoff(x, ties, n_equal, find_last_tie):
+  """Flat index just past the ``ties``-th of the ``n_equal`` ties of ``x``.
 
-  Entries with that key below the cutoff are pruned (see :func:`_keep_mask`).
-  A scalar: the search over the flat index runs only when some ties are kept
-  and some pruned, behind a ``lax.cond`` that returns no array.
+  Ties (keys equal to the threshold) before it are pruned (see
+  :func:`_keep_mask`). ``find_last_tie()`` returns the flat index of the
+  ``ties``-th tie; it runs only when some ties are kept and some pruned,
+  behind a ``lax.cond`` that returns a scalar.
   """
   if x.size == 0:
     return jnp.int32(0)
+  search = lambda: find_last_tie().astype(jnp.int32) + 1
+  return lax.cond((ties > 0) & (ties < n_equal), search, lambda: _cutoff_all(x, ties))
+
+
+def _cutoff_all(x, ties):
+  """The cutoff that prunes every tie of ``x`` (``ties > 0``) or none."""
+  return jnp.where(ties > 0, jnp.int32(x.size), jnp.int32(0))
+
+
+def _last_tie_by_radix(x, threshold, ties, radix_bits):
+  """Flat index of the ``ties``-th tie, by a radix search over the index."""
   wide = threshold.dtype == jnp.uint64
 
-  def cutoff_all():
-    # Prune every tie (or none): the cutoff is past the end or at the start.
-    return jnp.where(ties > 0, jnp.int32(x.size), jnp.int32(0))
+  def count_below(candidates):  # (1, D) flat-index candidates.
+    is_tie = (magnitude_keys(x, wide) == threshold)[..., None]
+    index = _flat_index(x.shape)[..., None]
+    return jnp.sum(
+        is_tie & (index < candidates[0].astype(jnp.int32)),
+        axis=tuple(range(x.ndim)),
+        dtype=jnp.uint32,
+    )[None]
 
-  def cutoff_search():
-    def count_below(candidates):  # (1, D) flat-index candidates.
-      is_tie = (magnitude_keys(x, wide) == threshold)[..., None]
-      index = _flat_index(x.shape)[..., None]
-      return jnp.sum(
-          is_tie & (index < candidates[0].astype(jnp.int32)),
-          axis=tuple(range(x.ndim)),
-          dtype=jnp.uint32,
-      )[None]
-
-    bits = max(1, math.ceil(math.log2(x.size)))
-    last = _radix_select(count_below, ties[None], bits, radix_bits)[0]
-    return last.astype(jnp.int32) + 1
-
-  return lax.cond((ties > 0) & (ties < n_equal), cutoff_search, cutoff_all)
+  bits = max(1, math.ceil(math.log2(x.size)))
+  return _radix_select(count_below, ties[None], bits, radix_bits)[0]
 
 
 def _keep_mask(x, threshold, cutoff):
-  """Prunes keys below ``threshold`` and those equal to it before ``cutoff``.
-
-  """
+  """Prunes keys below ``threshold`` and those equal to it before ``cutoff``."""
   if x.size == 0:
     return jnp.ones(x.shape, jnp.bool_)
   keys = magnitude_keys(x, threshold.dtype == jnp.uint64)
@@ -343,22 +348,16 @@ def _select_by_histogram(keys: Sequence[jax.Array], k: jax.Array, bits: int,
   return found, below, equal
 
 
-def _tie_cutoff_by_histogram(x, key, threshold, ties, n_equal, digit_bits):
-  """:func:`_tie_cutoff` by a histogram selection over the ties' flat index."""
-  if x.size == 0:
-    return jnp.int32(0)
+def _last_tie_by_histogram(x, key, threshold, ties):
+  """Flat index of the ``ties``-th tie, by histograms of the ties' index.
 
-  def cutoff_search():
-    index = _flat_index(x.shape)
-    bits = max(1, math.ceil(math.log2(x.size)))
-    last, _, _ = _select_by_histogram([index], ties, bits, digit_bits,
-                                      include=[key == threshold])
-    return last.astype(jnp.int32) + 1
-
-  def cutoff_all():
-    return jnp.where(ties > 0, jnp.int32(x.size), jnp.int32(0))
-
-  return lax.cond((ties > 0) & (ties < n_equal), cutoff_search, cutoff_all)
+  Two levels of ``ceil(bits / 2)`` bits (at most 2**16 counts each): on a
+  split leaf the counts that cross devices stay far smaller than the leaf.
+  """
+  bits = max(1, math.ceil(math.log2(x.size)))
+  last, _, _ = _select_by_histogram([_flat_index(x.shape)], ties, bits, -(-bits // 2),
+                                    include=[key == threshold])
+  return last
 
 
 def masks_by_histogram(
@@ -375,9 +374,9 @@ def masks_by_histogram(
   lower flat indices first), each leaf's ties are counted and the cutoff's
   flat index is selected the same way, by histograms of its digits.
   """
-  wide = any(needs_wide_keys(g) for g in groups)
   out = []
   for group, k in zip(groups, counts):
+    wide = needs_wide_keys(group)  # Groups are independent: each its own width.
     keys = [magnitude_keys(x, wide) for x in group]
     threshold, below, equal = _select_by_histogram(
         keys, k, _key_bits(wide), digit_bits)
@@ -387,12 +386,13 @@ def masks_by_histogram(
                    equal=equal):
       per_leaf = ([equal] if len(group) == 1 else
                   [_count(key == threshold) for key in keys])
-      return [_tie_cutoff_by_histogram(x, key, threshold, t, n, digit_bits)
+      return [_tie_cutoff(x, t, n, lambda x=x, key=key, t=t: _last_tie_by_histogram(
+                  x, key, threshold, t))
               for x, key, t, n in zip(group, keys, _ties_to_prune(per_leaf, ties),
                                       per_leaf)]
 
     def whole_ties(group=group, ties=ties):
-      return [jnp.where(ties > 0, jnp.int32(x.size), jnp.int32(0)) for x in group]
+      return [_cutoff_all(x, ties) for x in group]
 
     # The branches return one scalar per leaf; the masks are written after.
     cutoffs = lax.cond((ties > 0) & (ties < equal), split_ties, whole_ties)
@@ -411,8 +411,8 @@ def masks_by_sort(
   keys: simple and obviously right, but it copies the group, and a leaf split
   over devices is gathered whole onto each of them (an all-gather; under
   Explicit mesh axes an explicit reshard, and the mask is resharded back).
-  ``threshold="auto"`` therefore never picks it for large groups nor for
-  split leaves.
+  ``threshold="auto"`` therefore picks it only for groups known whole on
+  each device, up to a size that depends on the backend (``AUTO_POLICIES``).
   """
   n = sum(x.size for x in leaves)
   wide = needs_wide_keys(leaves)
@@ -474,8 +474,9 @@ def keep_masks(
   Args:
     leaves: floating arrays ranked together (one leaf: layer scope).
     sparsity: float32 scalar; clipped to [0, 1], NaN counts as 0.
-    threshold: ``"sort"`` (reference), ``"bisect"`` (radix search) or
-      ``"auto"``, as in ``magnitude_pruning``; all give the same masks.
+    threshold: ``"sort"`` (reference), ``"bisect"`` (radix search),
+      ``"histogram"`` (histograms of key digits) or ``"auto"``, as in
+      ``magnitude_pruning``; all give the same masks.
 
   Returns:
     One bool array per leaf, True where the entry is kept.

@@ -1,7 +1,6 @@
 """Shared test set-up."""
 
 import os
-import signal
 
 import jax
 import pytest
@@ -26,7 +25,7 @@ def strict_promotion():
 
 def _selects_mesh_checks(config) -> bool:
   """Whether the session runs all of tests/test_sharding.py (no -k, no -m)."""
-  if config.option.keyword or config.option.markexpr:
+  if config.option.keyword or config.option.markexpr or config.option.collectonly:
     return False
   target = os.path.join(mesh_run.ROOT, "tests", "test_sharding.py")
   paths = [os.path.abspath(a.split("::")[0]) for a in config.args] or [os.getcwd()]
@@ -44,5 +43,5 @@ def pytest_sessionstart(session):
 
 def pytest_sessionfinish(session):
   proc = getattr(session.config, "mesh_run", None)
-  if proc is not None and proc.poll() is None:
-    os.killpg(proc.pid, signal.SIGKILL)  # The shell and the checks under it.
+  if proc is not None:
+    mesh_run.stop(proc)  # Still running only if no test waited for it.

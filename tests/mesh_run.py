@@ -10,13 +10,15 @@ itself when nothing started it (a run of selected tests). No JAX import here.
 import fcntl
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Bound that keeps a stuck collective from hanging CI.
-TIMEOUT_S = 300
+# Bound that keeps a stuck collective from hanging CI (a run takes 1.5-2.5
+# minutes beside two busy xdist workers on 2 cores).
+TIMEOUT_S = 480
 
 
 def env(devices: int) -> dict:
@@ -53,6 +55,13 @@ def start(root: pathlib.Path) -> subprocess.Popen:
                           start_new_session=True)
 
 
+def stop(proc: subprocess.Popen) -> None:
+  """Kills a run and the checks under its shell, and reaps it."""
+  if proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+
+
 def results(root: pathlib.Path) -> tuple[bool, str]:
   """``(True, results JSON)`` or ``(False, why)``: waits for a run started by
   :func:`start`, or runs the checks (once for all xdist workers: a lock)."""
@@ -61,10 +70,12 @@ def results(root: pathlib.Path) -> tuple[bool, str]:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (root / "mesh_results.started").exists():
       (root / "mesh_results.started").touch()
+      proc = subprocess.Popen(_command(root), cwd=ROOT, env=env(8),
+                              start_new_session=True)
       try:
-        subprocess.run(_command(root), cwd=ROOT, env=env(8), timeout=TIMEOUT_S,
-                       check=False)
+        proc.wait(timeout=TIMEOUT_S)
       except subprocess.TimeoutExpired:
+        stop(proc)
         rc.write_text("timeout")
   deadline = time.monotonic() + TIMEOUT_S
   while not rc.exists():

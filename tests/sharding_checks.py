@@ -158,11 +158,21 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
 
 
 def _only_counts(op: str, result_type: str, method: str) -> bool:
-  """Whether a collective of a mask update moves only counts, never a leaf."""
+  """Whether a collective of a mask update moves only counts, never a leaf.
+
+  Bisect: a few integers per round. Histogram: integer scalars (the per-step
+  counts), uint32 histograms of 2**16 and
+  2**15 counts (larger than any leaf here) and, for split ties, two levels of
+  about sqrt(leaf size) counts; a leaf of keys (up to 2**14 entries here)
+  would be neither.
+  """
   if op != "all-reduce":
     return False
-  if method == "histogram" and re.fullmatch(r"\(?(u32\[\d*\]\{?0?\}?(, )?)+\)?", result_type):
-    return elements(result_type) <= 4 * 2**16  # A few histograms of 2**16 counts.
+  if method == "histogram":
+    arrays = re.findall(r"(\w+)\[([0-9,]*)\]", result_type)
+    return all(dtype in ("u32", "s32") and (elements(f"[{dims}]") in (2**16, 2**15)
+                                   or elements(f"[{dims}]") <= 256)
+               for dtype, dims in arrays)
   return elements(result_type) <= 16
 
 
