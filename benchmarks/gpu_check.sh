@@ -10,4 +10,5 @@ python3 -c "import jax; print(jax.__version__, jax.devices())"
 python3 -m benchmarks.mask_update --sizes 1e5 1e6 1e7 3e7 1e8 --repeats 7 \
   --out "$OUT/mask_update_gpu.json" --plot "$OUT/mask_update_gpu.png" 2>&1 | grep -v 'it/s\|s/it'
 # adam; the in-step lax.cond (bool and packed masks); update_masks=False (no conditional).
-python3 -m benchmarks.step_overhead --repeats 200 --batch-size 512 --out "$OUT/step_overhead_gpu.json"
+python3 -m benchmarks.step_overhead --repeats 200 --batch-size 512 --compile-thresholds \
+  --out "$OUT/step_overhead_gpu.json"

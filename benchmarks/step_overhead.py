@@ -25,6 +25,7 @@ import optax
 import optax_prune
 from benchmarks import _common
 from benchmarks import demo_digits
+from optax_prune import _thresholds
 
 
 class MLP(nn.Module):
@@ -61,13 +62,13 @@ def make_step(model, tx, update_masks=None):
   return step
 
 
-def compile_times(model, tx, params, x, y) -> dict[str, float]:
+def compile_times(model, tx, params, x, y, modes=(None, False, True)) -> dict[str, float]:
   """Seconds to lower and compile the step: one step deciding mask updates
   inside (``None``), and the two steps of a loop that decides (``False``,
   ``True``)."""
   state = tx.init(params)
   out = {}
-  for update_masks in (None, False, True):
+  for update_masks in modes:
     start = time.perf_counter()
     make_step(model, tx, update_masks).lower(params, state, x, y).compile()
     out[str(update_masks)] = time.perf_counter() - start
@@ -81,6 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--repeats", type=int, default=50)
   parser.add_argument("--models", nargs="+", default=list(MODELS),
                       choices=list(MODELS))
+  parser.add_argument("--compile-thresholds", action="store_true",
+                      help="also time the compile of the step for every threshold method")
   parser.add_argument("--out", default=str(_common.RESULTS / "step_overhead.json"))
   args = parser.parse_args(argv)
   records = []
@@ -110,6 +113,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       p, state = first(params, state, x, y)
       runs[label] = lambda step=step, p=p, state=state: step(p, state, x, y)
     compile_seconds = compile_times(model, pruning(packed_masks=True), params, x, y)
+    if args.compile_thresholds:
+      compile_seconds["adam"] = compile_times(model, optax.adam(1e-3), params, x, y,
+                                              modes=(None,))["None"]
+      for threshold in _thresholds.THRESHOLDS:
+        compile_seconds[f"threshold={threshold}"] = compile_times(
+            model, pruning(threshold=threshold), params, x, y, modes=(None,))["None"]
     fastest = _common.time_side_by_side(runs, args.repeats, warmup=3, statistic=min)
     typical = _common.time_side_by_side(runs, args.repeats, warmup=0)
     records.append({
@@ -143,6 +152,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     c = r["compile_seconds"]
     print(f"compile {r['model']}: one step deciding inside {c['None']:.2f} s;"
           f" without + with the mask update {c['False']:.2f} + {c['True']:.2f} s")
+    others = {k: v for k, v in c.items() if k not in ("None", "False", "True")}
+    if others:
+      print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in others.items()))
   print("\nms: minimum step time over the interleaved repeats; ratios of minima."
         " static: packed masks, the step compiled with update_masks=False.")
   path = _common.pathlib.Path(args.out)
