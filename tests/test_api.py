@@ -20,10 +20,25 @@ def test_every_public_name_has_a_docstring_with_an_example():
       assert ">>>" in doc, f"{name} has no example"
 
 
-def test_readme_quickstart_runs():
+def _readme_blocks():
   import pathlib
   import re
   readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-  blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+  return re.findall(r"```python\n(.*?)```", readme, re.S)
+
+
+def test_readme_quickstart_runs():
+  blocks = _readme_blocks()
   assert blocks, "README has no python example"
   exec(compile(blocks[0], "README quickstart", "exec"), {})
+
+
+def test_readme_static_mask_step_example_runs():
+  (block,) = [b for b in _readme_blocks() if "mask_update_steps(" in b]
+  scope = {}
+  exec(compile(block, "README update_masks example", "exec"), scope)
+  assert scope["due"] == {0, 100, 200, 300}
+  state = optax_prune.find_pruning_state(scope["opt_state"])
+  assert int(state.count) == 400 and int(state.skipped_mask_updates) == 0
+  summary = optax_prune.sparsity_summary(scope["params"], scope["opt_state"])
+  assert summary.pruned == round(0.9 * 64 * 64) and "WARNING" not in str(summary)
