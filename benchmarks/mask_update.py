@@ -69,14 +69,20 @@ def temp_bytes(fn, *args) -> int:
   return int(stats.temp_size_in_bytes) if stats is not None else -1
 
 
-def run(sizes, methods, scopes, repeats, radix_bits=_thresholds.RADIX_BITS):
+def single_leaf_shape(total: float) -> list[tuple[int, int]]:
+  """One (n / 64, 64) leaf: where the methods cross, by group size."""
+  return [(max(1, round(total / 64)), 64)]
+
+
+def run(sizes, methods, scopes, repeats, radix_bits=_thresholds.RADIX_BITS,
+        shapes_for=layer_shapes):
   records = []
   read = jax.jit(lambda leaves: sum(jnp.sum(jnp.abs(x)) for x in leaves))
   sort = jax.jit(lambda leaves: [jnp.sort(jnp.abs(x).reshape(-1)) for x in leaves])
   sparsity = jnp.float32(SPARSITY)
   configs = [(m, s) for s in scopes for m in methods]
   for size in tqdm(sizes, desc="sizes"):
-    shapes = layer_shapes(size)
+    shapes = shapes_for(size)
     leaves = make_params(shapes)
     n = sum(x.size for x in leaves)
     fns = {"read": lambda: read(leaves), "sort": lambda: sort(leaves)}
@@ -158,6 +164,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--scopes", nargs="+", default=["layer", "global"],
                       choices=["layer", "global"])
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--single-leaf", action="store_true",
+                      help="one (size / 64, 64) leaf per size instead of transformer"
+                      " blocks: the crossovers behind threshold='auto'")
   parser.add_argument("--radix-bits", type=int, default=None,
                       help="bits per round of the bisect method's radix search"
                       " (an experiment knob; default: the library's choice)")
@@ -167,7 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
   radix_bits = args.radix_bits or _thresholds.RADIX_BITS
-  records = run(args.sizes, args.methods, args.scopes, args.repeats, radix_bits)
+  records = run(args.sizes, args.methods, args.scopes, args.repeats, radix_bits,
+                single_leaf_shape if args.single_leaf else layer_shapes)
   for r in records:
     r["radix_bits"] = args.radix_bits
   exponents = fitted_exponents([r for r in records if r["scope"] != "-"]

@@ -243,8 +243,8 @@ def masks_by_bisection(
     remaining = k_group - sum(less)  # Ties at `threshold` still to prune.
     out.append([
         _keep_mask(x, threshold, _tie_cutoff(
-            x, ties, n_equal, lambda x=x, ties=ties: _last_tie_by_radix(
-                x, threshold, ties, radix_bits)))
+            x, ties, n_equal, lambda x=x, t=threshold, ties=ties: _last_tie_by_radix(
+                x, t, ties, radix_bits)))
         for x, ties, n_equal in zip(group, _ties_to_prune(equal, remaining), equal)
     ])
   return out

@@ -295,25 +295,34 @@ def new_masks(
     new = rule(schedule, sparsity, inputs())
     return new._replace(masks=[layout.store(m) for m in new.masks])
 
+  decide = _DECIDE[update_masks]
   skipped = jnp.zeros((), bool)
   for schedule in plan.schedules:
     target = schedule.schedule(state.count)
     indices = [leaf.index for leaf in schedule.leaves]
     old = _rules.MaskUpdate(*([field[i] for i in indices] for field in (masks, targets, pruned)))
-    if update_masks is None:
-      new = lax.cond(target.update, lambda s=schedule, x=target.sparsity: run(s, x),
-                     lambda old=old: old)
-    elif update_masks:
-      new = jax.tree.map(lambda a, b, due=target.update: jnp.where(due, a, b),
-                         run(schedule, target.sparsity), old)
-    else:
-      new, skipped = old, skipped | target.update
+    new, skipped_here = decide(
+        target.update, lambda s=schedule, x=target.sparsity: run(s, x), old)
+    skipped = skipped | skipped_here
     for field, values in zip((masks, targets, pruned), new):
       for i, value in zip(indices, values):
         field[i] = value
   stack = lambda values, dtype: jnp.asarray(
       [values[i] for i in plan.pruned_indices], dtype).reshape(-1)
   return masks, stack(targets, jnp.float32), stack(pruned, jnp.int32), skipped
+
+
+# How a step meets a schedule's `update` flag, by `update_masks`: each takes
+# (due, run, old) and returns (the new MaskUpdate, whether a due update was skipped).
+_DECIDE = {
+    # Inside the step: the rule runs only where due (on GPU the flag is read on the host).
+    None: lambda due, run, old: (lax.cond(due, run, lambda: old), False),
+    # Compiled with the update: the rule always runs, its result kept where due.
+    True: lambda due, run, old: (
+        jax.tree.map(lambda a, b: jnp.where(due, a, b), run(), old), False),
+    # Compiled without it: nothing runs; a due flag is a skipped update.
+    False: lambda due, run, old: (old, due),
+}
 
 
 def _read(plan: _plan.Plan, layout: _bits.MaskLayout, stored: list, params: list) -> list:
