@@ -9,6 +9,13 @@ compiled with ``update_masks=False`` (no conditional), interleaved, on steps
 after the one-shot mask update, and prints the ratios of minimum step times (and of
 medians) and the bytes of the masks in the state. Saves
 ``benchmarks/results/step_overhead.json``.
+
+With ``--sparse-training`` it times instead, against adam alone, the steps of
+every sparse-training method (``rigl``, ``set_training``, ``static_sparse``,
+``straight_through``) beside gradual pruning, at sparsity 0.9: a step that
+does not update masks (the default, decided inside the step) and a step
+compiled with ``update_masks=True`` (the mask update itself). Saves
+``benchmarks/results/step_overhead_sparse.json``.
 """
 
 from __future__ import annotations
@@ -75,6 +82,38 @@ def compile_times(model, tx, params, x, y, modes=(None, False, True)) -> dict[st
   return out
 
 
+def sparse_training_optimizers() -> dict:
+  """Each method at sparsity 0.9, on steps after 0 that do not update masks."""
+  adam = lambda: optax.adam(1e-3)
+  late = dict(end_step=2**30, frequency=2**29)  # Mask updates far away.
+  return {
+      "adam": adam(),
+      "gradual": optax.chain(adam(), optax_prune.magnitude_pruning(0.9)),
+      "static": optax.chain(adam(), optax_prune.static_sparse(0.9)),
+      "set": optax_prune.set_training(adam(), 0.9, **late),
+      "rigl": optax_prune.rigl(adam(), 0.9, **late),
+      "ste": optax.chain(adam(), optax_prune.straight_through(0.9)),
+  }
+
+
+def sparse_training(model, params, x, y, repeats: int) -> dict:
+  """Minimum step times of each method, interleaved, and of its mask update."""
+  steps, updates = {}, {}
+  for label, tx in sparse_training_optimizers().items():
+    state = tx.init(params)
+    p, state = make_step(model, tx)(params, state, x, y)  # Past step 0.
+    step = make_step(model, tx)
+    steps[label] = lambda step=step, p=p, state=state: step(p, state, x, y)
+    if label not in ("adam", "static"):  # Static masks never update.
+      update = make_step(model, tx, True)
+      updates[label] = lambda update=update, p=p, state=state: update(p, state, x, y)
+  fastest = _common.time_side_by_side(steps, repeats, warmup=3, statistic=min)
+  update_seconds = _common.time_side_by_side(updates, max(repeats // 5, 3), warmup=1,
+                                             statistic=min)
+  return {"seconds": fastest, "ratio": {k: v / fastest["adam"] for k, v in fastest.items()},
+          "update_seconds": update_seconds}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.step_overhead",
                                    description=__doc__.split("\n")[0])
@@ -84,8 +123,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       choices=list(MODELS))
   parser.add_argument("--compile-thresholds", action="store_true",
                       help="also time the compile of the step for every threshold method")
-  parser.add_argument("--out", default=str(_common.RESULTS / "step_overhead.json"))
+  parser.add_argument("--sparse-training", action="store_true",
+                      help="time the sparse-training methods instead (rigl, set, static, ste)")
+  parser.add_argument("--out", help="JSON path (default: benchmarks/results/step_overhead.json,"
+                      " or step_overhead_sparse.json with --sparse-training)")
   args = parser.parse_args(argv)
+  args.out = args.out or str(_common.RESULTS / (
+      "step_overhead_sparse.json" if args.sparse_training else "step_overhead.json"))
+  if args.sparse_training:
+    return main_sparse_training(args)
   records = []
   for name in args.models:
     make_model, shape = MODELS[name]
@@ -157,6 +203,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in others.items()))
   print("\nms: minimum step time over the interleaved repeats; ratios of minima."
         " static: packed masks, the step compiled with update_masks=False.")
+  path = _common.pathlib.Path(args.out)
+  _common.write_json(path, records, target_ratio=1.03, statistic="min")
+  print(f"\nwrote {path}")
+  return {"records": records}
+
+
+def main_sparse_training(args) -> dict:
+  records = []
+  for name in args.models:
+    make_model, shape = MODELS[name]
+    model = make_model()
+    x = jax.random.normal(jax.random.key(0), (args.batch_size,) + shape)
+    y = jnp.zeros((x.shape[0],), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(1), x)["params"]
+    timed = sparse_training(model, params, x, y, args.repeats)
+    records.append({"model": name, "params": sum(p.size for p in jax.tree.leaves(params)),
+                    "batch_size": args.batch_size, **timed})
+  labels = list(records[0]["seconds"])
+  rows = []
+  for r in records:
+    for label in labels:
+      update = r["update_seconds"].get(label)
+      rows.append((r["model"], label, f"{r['seconds'][label] * 1e3:.3f}",
+                   f"{r['ratio'][label]:.3f}",
+                   "-" if update is None else f"{update * 1e3:.2f}"))
+  print(_common.table(rows, ("model", "method", "step ms", "step / adam",
+                             "mask update step ms")))
+  print("\nms: minimum over interleaved repeats of a step that does not update masks"
+        " (sparsity 0.9; gradual: after its one-shot update); mask update step: the step"
+        " compiled with update_masks=True.")
   path = _common.pathlib.Path(args.out)
   _common.write_json(path, records, target_ratio=1.03, statistic="min")
   print(f"\nwrote {path}")

@@ -34,6 +34,12 @@ from optax_prune._schedules import PruningTarget
 from optax_prune._sensitivity import sensitivity
 from optax_prune._sensitivity import SensitivityReport
 from optax_prune._sensitivity import sparsities_for_budget
+from optax_prune._sparse import rigl
+from optax_prune._sparse import set_training
+from optax_prune._sparse import SparseTrainingState
+from optax_prune._sparse import static_sparse
+from optax_prune._sparse import straight_through
+from optax_prune._sparse import StraightThroughState
 from optax_prune._summary import LeafSparsity
 from optax_prune._summary import pruning_metrics
 from optax_prune._summary import sparsity_summary
@@ -62,7 +68,9 @@ __all__ = (
     "PruningSchedule",
     "PruningTarget",
     "SensitivityReport",
+    "SparseTrainingState",
     "SparsitySummary",
+    "StraightThroughState",
     "blocks",
     "by_path",
     "channels",
@@ -82,10 +90,14 @@ __all__ = (
     "polynomial_schedule",
     "prune",
     "pruning_metrics",
+    "rigl",
     "sensitivity",
     "save_compact",
+    "set_training",
     "sparsities_for_budget",
     "sparsity_summary",
+    "static_sparse",
+    "straight_through",
     "to_bcoo",
     "to_nm",
     "uncompact",

@@ -15,11 +15,12 @@ scores -> unit scores -> counts -> kernel -> expand.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from optax_prune import _distributions
 from optax_prune import _placement
 from optax_prune import _plan
 from optax_prune import _scores
@@ -34,6 +35,10 @@ class MaskInputs(NamedTuple):
   masks: Sequence[Any]  # Current bool keep-masks; MaskedNode where unpruned.
   pruned_units: Sequence[Any]  # int32 units each leaf has lost; None if unpruned.
   key: jax.Array  # This step's PRNG key (`_scores.step_key`).
+  count: jax.Array  # int32 scalar: the step (the state's count before it).
+  # The raw gradient, where a wrapper that owns the optimizer passes it
+  # (`_sparse`); None for a chained link, which sees only the updates.
+  grads: Optional[Sequence[jax.Array]] = None
 
 
 class MaskUpdate(NamedTuple):
@@ -82,15 +87,8 @@ def prune_smallest(
       pruned=[sum(inputs.pruned_units[leaf.index] for leaf in g.leaves)
               for g in plan.groups])
   # 4. Kernel: groups that share a method share one call (one search loop).
-  keeps = {}
-  for method in sorted({g.method for g in plan.groups}):
-    chosen = [j for j, g in enumerate(plan.groups) if g.method == method]
-    found = _thresholds.keep_masks_for_counts(
-        [[units[leaf.index] for leaf in plan.groups[j].leaves] for j in chosen],
-        [counts[j] for j in chosen], method)
-    for j, unit_keeps in zip(chosen, found):
-      keeps.update({leaf.index: (keep, shares[j])
-                    for leaf, keep in zip(plan.groups[j].leaves, unit_keeps)})
+  found = keep_units(plan, units, counts)
+  keeps = {i: (keep, shares[j]) for i, (keep, j) in found.items()}
   # 5. Expand the unit decisions to masks, placed like their leaves.
   masks = [
       _placement.put_back(
@@ -103,3 +101,92 @@ def prune_smallest(
       targets=[keeps[leaf.index][1] for leaf in leaves],
       pruned_units=[jnp.sum(~keeps[leaf.index][0], dtype=jnp.int32) for leaf in leaves],
   )
+
+
+def keep_units(plan: _plan.SchedulePlan, units: dict, counts: Sequence[jax.Array]) -> dict:
+  """The kernel stage: each group of ``plan`` loses ``counts[g]`` units of
+  smallest score (``units``: leaf index -> unit scores).
+
+  Groups that share a threshold method share one kernel call (one search
+  loop). Returns leaf index -> (bool unit keep-mask, the index of its group).
+  """
+  keeps = {}
+  for method in sorted({g.method for g in plan.groups}):
+    chosen = [j for j, g in enumerate(plan.groups) if g.method == method]
+    found = _thresholds.keep_masks_for_counts(
+        [[units[leaf.index] for leaf in plan.groups[j].leaves] for j in chosen],
+        [counts[j] for j in chosen], method)
+    for j, unit_keeps in zip(chosen, found):
+      keeps.update({leaf.index: (keep, j)
+                    for leaf, keep in zip(plan.groups[j].leaves, unit_keeps)})
+  return keeps
+
+
+def ranked_within(selected: jax.Array, values: jax.Array) -> jax.Array:
+  """Scores that rank the ``selected`` entries by ``|values|`` above all others.
+
+  Unselected entries score 0; selected ones score ``|v|`` moved up by one ulp
+  (``nextafter``: strictly increasing, so their order, ties, ``inf`` and NaN
+  are kept), so a selected 0 still outranks every unselected entry.
+  """
+  dtype = jnp.promote_types(values.dtype, jnp.float32)
+  magnitude = jnp.abs(values.astype(dtype))
+  return jnp.where(selected, jnp.nextafter(magnitude, jnp.asarray(jnp.inf, dtype)),
+                   jnp.zeros((), dtype))
+
+
+GrowScore = Callable[[jax.Array, Optional[jax.Array], jax.Array], jax.Array]
+
+
+def drop_and_grow(
+    grow_score: GrowScore, drop_fraction: Callable[[jax.Array], jax.Array],
+    regrow_dropped: bool = True,
+) -> MaskRule:
+  r"""Dynamic sparse training (SET, RigL): drop the weakest kept weights, grow
+  as many elsewhere, so every leaf keeps exactly its count.
+
+  Per leaf with :math:`k` kept of :math:`n` entries and drop fraction
+  :math:`f` = ``drop_fraction(count)`` (clipped to [0, 1]), :math:`d =
+  \mathrm{round}(f k)` kept entries of smallest ``|w|`` are dropped, then
+  :math:`d` entries of largest ``|grow_score(param, grad, key)|`` are grown
+  among the entries not kept after the drop: the dropped ones included
+  (RigL's algorithm; such an entry keeps its value), or, with
+  ``regrow_dropped=False``, only among those pruned before the step (then
+  :math:`d \le n - k`). Ties go by position, as in the kernels. The
+  schedule's sparsity is not read: the counts set at ``init`` never change.
+  Unstructured leaves only (``_sparse`` refuses other granularities).
+  """
+
+  def rule(plan, sparsity, inputs):
+    del sparsity  # The counts stay those of `init`.
+    leaves = plan.leaves
+    fraction = _distributions.clip_sparsity(drop_fraction(inputs.count))
+    old = {leaf.index: inputs.masks[leaf.index] for leaf in leaves}
+    sizes = {leaf.index: leaf.units for leaf in leaves}
+    kept = {i: jnp.sum(m, dtype=jnp.int32) for i, m in old.items()}
+    drop = {i: jnp.round(fraction * kept[i].astype(jnp.float32)).astype(jnp.int32)
+            for i in old}
+    if not regrow_dropped:
+      drop = {i: jnp.minimum(d, sizes[i] - kept[i]) for i, d in drop.items()}
+    by_group = lambda per_leaf: [per_leaf[g.leaves[0].index] for g in plan.groups]
+    # Drop: all pruned entries and the `drop` smallest kept ones lose.
+    after_drop = keep_units(
+        plan, {i: ranked_within(m, inputs.params[i]) for i, m in old.items()},
+        by_group({i: sizes[i] - kept[i] + drop[i] for i in old}))
+    after_drop = {i: keep for i, (keep, _) in after_drop.items()}
+    # Grow: the `drop` candidates of largest |grow score| win.
+    candidates = {i: ~(after_drop[i] if regrow_dropped else old[i]) for i in old}
+    grown = keep_units(
+        plan, {i: ranked_within(candidates[i], grow_score(
+            inputs.params[i], None if inputs.grads is None else inputs.grads[i],
+            _scores.leaf_key(inputs.key, i))) for i in old},
+        by_group({i: sizes[i] - drop[i] for i in old}))
+    masks = [after_drop[leaf.index] | grown[leaf.index][0] for leaf in leaves]
+    pruned = [inputs.pruned_units[leaf.index] for leaf in leaves]
+    return MaskUpdate(
+        masks=masks,
+        targets=[p.astype(jnp.float32) / max(leaf.units, 1) for p, leaf in zip(pruned, leaves)],
+        pruned_units=pruned,
+    )
+
+  return rule

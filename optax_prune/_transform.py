@@ -9,6 +9,7 @@ step :func:`apply_masks` shapes the updates. This module only wires them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -32,8 +33,8 @@ _UPDATE_MASKS_MSG = (
     " Pass it as a static argument: `jax.jit(step, static_argnames='update_masks')`."
 )
 
-_NO_PARAMS_MSG = (
-    "`magnitude_pruning` ranks the current parameters, so its `update` needs"
+NO_PARAMS_MSG = (
+    "optax_prune's masks are ranked on the current parameters, so `update` needs"
     " them: call `tx.update(updates, state, params)` (flax `TrainState` and"
     " `nnx.Optimizer` already do)."
 )
@@ -205,71 +206,145 @@ def magnitude_pruning(
 
 
 def masking(
-    config: _config.PruningConfig, rule: _rules.MaskRule
+    config: _config.PruningConfig, rule: _rules.MaskRule, *,
+    initial_score: Optional[_scores.Score] = None, regrows: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """The chained transformation for ``config``, its masks recomputed by ``rule``.
 
   ``magnitude_pruning`` is ``masking(config, _rules.prune_smallest)``; another
   rule gives another method with the same state, plan and guarantees.
+
+  Args:
+    config: the checked arguments.
+    rule: recomputes one schedule's masks at its update steps.
+    initial_score: if given, ``init`` already prunes each schedule to its
+      sparsity at step 0 by this score (sparse training starts sparse);
+      otherwise the masks start all kept.
+    regrows: whether ``rule`` may keep an entry that was pruned (drop and
+      grow). A regrown entry then starts at exactly 0: the update is applied
+      only where an entry is kept both before and after the step.
   """
 
-  layout = config.mask_layout
-
   def init_fn(params):
-    plan = _plan.make_plan(config, params)
-    masks = [layout.store(_placement.ones_like(x)) if p else optax.MaskedNode()
-             for x, p in zip(plan.treedef.flatten_up_to(params), plan.pruned)]
-    return MagnitudePruningState(
-        count=jnp.zeros((), jnp.int32),
-        masks=plan.treedef.unflatten(masks),
-        target_sparsity=jnp.zeros(len(plan.pruned_indices), jnp.float32),
-        pruned_units=jnp.zeros(len(plan.pruned_indices), jnp.int32),
-        pruned_nonzero=jnp.zeros((), jnp.int32),
-        zero_update_steps=jnp.zeros((), jnp.int32),
-        skipped_mask_updates=jnp.zeros((), jnp.int32),
-    )
+    return init_state(config, params, initial_score)
 
-  def update_fn(updates, state, params=None, *, update_masks=None, **extra_args):
+  def update_fn(updates, state, params=None, *, update_masks=None, grads=None,
+                **extra_args):
     del extra_args  # Meant for other links of the chain.
-    if params is None:
-      raise ValueError(_NO_PARAMS_MSG)
-    if not (update_masks is None or isinstance(update_masks, (bool, np.bool_))):
-      raise ValueError(_UPDATE_MASKS_MSG.format(value=update_masks))
-    plan = _plan.make_plan(config, params)
-    param_leaves = plan.treedef.flatten_up_to(params)
-    update_leaves = _flatten(plan, updates, "updates")
-    stored = _state_masks(plan, state, param_leaves, layout)
-
-    def inputs():
-      # Called where the masks are read: inside a mask update's branch, so
-      # packed masks are unpacked there and not carried into the branch.
-      return _rules.MaskInputs(
-          params=param_leaves,
-          updates=update_leaves,
-          masks=_read(plan, layout, stored, param_leaves),
-          pruned_units=_per_leaf(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)),
-          key=_scores.step_key(config.seed, state.count),
-      )
-
-    now = inputs()
-    new_stored, targets, pruned, skipped = new_masks(
-        plan, rule, inputs, state, stored, layout, update_masks)
-    masks = _read(plan, layout, new_stored, param_leaves)
-    return apply_masks(plan, now, masks), MagnitudePruningState(
-        count=optax.safe_int32_increment(state.count),
-        masks=plan.treedef.unflatten(new_stored),
-        target_sparsity=targets,
-        pruned_units=pruned,
-        pruned_nonzero=pruned_nonzero(plan, now),
-        zero_update_steps=jnp.where(
-            all_zero(plan, now), optax.safe_int32_increment(state.zero_update_steps),
-            state.zero_update_steps),
-        skipped_mask_updates=jnp.where(
-            skipped, optax.safe_int32_increment(state.skipped_mask_updates),
-            state.skipped_mask_updates),
-    )
+    step = mask_step(config, rule, updates, state, params, grads=grads,
+                     update_masks=update_masks)
+    masks = step.masks
+    if regrows:
+      masks = [m & old if pruned else m
+               for m, old, pruned in zip(masks, step.now.masks, step.plan.pruned)]
+    return apply_masks(step.plan, step.now, masks), step.state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def init_state(config: _config.PruningConfig, params: Any,
+               initial_score: Optional[_scores.Score] = None) -> MagnitudePruningState:
+  """The state at step 0: all kept, or each schedule's step-0 sparsity pruned
+  by ``initial_score`` (keys from ``seed`` and step 0)."""
+  layout = config.mask_layout
+  plan = _plan.make_plan(config, params)
+  leaves = plan.treedef.flatten_up_to(params)
+  masks = [_placement.ones_like(x) if p else optax.MaskedNode()
+           for x, p in zip(leaves, plan.pruned)]
+  targets = [jnp.zeros((), jnp.float32)] * len(leaves)
+  pruned = [jnp.zeros((), jnp.int32) if p else None for p in plan.pruned]
+  if initial_score is not None:
+    count = jnp.zeros((), jnp.int32)
+    inputs = _rules.MaskInputs(params=leaves, updates=leaves, masks=list(masks),
+                               pruned_units=list(pruned), count=count,
+                               key=_scores.step_key(config.seed, count))
+    for schedule in plan.schedules:
+      new = _rules.prune_smallest(dataclasses.replace(schedule, score=initial_score),
+                                  schedule.schedule(count).sparsity, inputs)
+      for field, values in zip((masks, targets, pruned), new):
+        for leaf, value in zip(schedule.leaves, values):
+          field[leaf.index] = value
+  stack = lambda values, dtype: jnp.asarray(
+      [values[i] for i in plan.pruned_indices], dtype).reshape(-1)
+  return MagnitudePruningState(
+      count=jnp.zeros((), jnp.int32),
+      masks=plan.treedef.unflatten(
+          [layout.store(m) if p else m for m, p in zip(masks, plan.pruned)]),
+      target_sparsity=stack(targets, jnp.float32),
+      pruned_units=stack(pruned, jnp.int32),
+      pruned_nonzero=jnp.zeros((), jnp.int32),
+      zero_update_steps=jnp.zeros((), jnp.int32),
+      skipped_mask_updates=jnp.zeros((), jnp.int32),
+  )
+
+
+class MaskStep(NamedTuple):
+  """One step of a masking transformation, before the updates are shaped."""
+
+  plan: _plan.Plan
+  now: _rules.MaskInputs  # The step's inputs: params, updates, masks in force.
+  masks: list  # bool keep-masks after the step (MaskedNode where unpruned).
+  state: MagnitudePruningState  # The state after the step.
+
+
+def mask_step(
+    config: _config.PruningConfig, rule: _rules.MaskRule, updates: Any,
+    state: MagnitudePruningState, params: Any, *, ranked: Any = None,
+    grads: Any = None, update_masks: Optional[bool] = None,
+) -> MaskStep:
+  """Checks the arguments, recomputes the masks where due and advances the state.
+
+  ``rule`` ranks ``ranked`` (default: ``params``; straight-through training
+  passes its dense weights) and may read ``grads`` (the raw gradient, where a
+  wrapper has it). The per-step checks read ``params``.
+  """
+  if params is None:
+    raise ValueError(NO_PARAMS_MSG)
+  if not (update_masks is None or isinstance(update_masks, (bool, np.bool_))):
+    raise ValueError(_UPDATE_MASKS_MSG.format(value=update_masks))
+  layout = config.mask_layout
+  plan = _plan.make_plan(config, params)
+  param_leaves = plan.treedef.flatten_up_to(params)
+  ranked_leaves = param_leaves if ranked is None else _flatten(plan, ranked, "ranked")
+  update_leaves = _flatten(plan, updates, "updates")
+  grad_leaves = None if grads is None else _flatten(plan, grads, "grads")
+  stored = _state_masks(plan, state, param_leaves, layout)
+
+  def inputs():
+    # Called where the masks are read: inside a mask update's branch, so
+    # packed masks are unpacked there and not carried into the branch.
+    return _rules.MaskInputs(
+        params=ranked_leaves,
+        updates=update_leaves,
+        masks=_read(plan, layout, stored, param_leaves),
+        pruned_units=_per_leaf(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)),
+        key=_scores.step_key(config.seed, state.count),
+        count=jnp.asarray(state.count, jnp.int32),
+        grads=grad_leaves,
+    )
+
+  now = inputs()._replace(params=param_leaves)
+  new_stored, targets, pruned, skipped = new_masks(
+      plan, rule, inputs, state, stored, layout, update_masks)
+  return MaskStep(plan, now, _read(plan, layout, new_stored, param_leaves), MagnitudePruningState(
+      count=optax.safe_int32_increment(state.count),
+      masks=plan.treedef.unflatten(new_stored),
+      target_sparsity=targets,
+      pruned_units=pruned,
+      pruned_nonzero=pruned_nonzero(plan, now),
+      zero_update_steps=jnp.where(
+          all_zero(plan, now), optax.safe_int32_increment(state.zero_update_steps),
+          state.zero_update_steps),
+      skipped_mask_updates=jnp.where(
+          skipped, optax.safe_int32_increment(state.skipped_mask_updates),
+          state.skipped_mask_updates),
+  ))
+
+
+def due(plan: _plan.Plan, count: jax.Array) -> jax.Array:
+  """Whether any schedule of ``plan`` updates its masks at step ``count``."""
+  flags = [jnp.asarray(s.schedule(count).update, bool) for s in plan.schedules]
+  return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
 
 
 def new_masks(
@@ -295,7 +370,7 @@ def new_masks(
     new = rule(schedule, sparsity, inputs())
     return new._replace(masks=[layout.store(m) for m in new.masks])
 
-  decide = _DECIDE[update_masks]
+  decide = DECIDE[update_masks]
   skipped = jnp.zeros((), bool)
   for schedule in plan.schedules:
     target = schedule.schedule(state.count)
@@ -314,7 +389,7 @@ def new_masks(
 
 # How a step meets a schedule's `update` flag, by `update_masks`: each takes
 # (due, run, old) and returns (the new MaskUpdate, whether a due update was skipped).
-_DECIDE = {
+DECIDE = {
     # Inside the step: the rule runs only where due (on GPU the flag is read on the host).
     None: lambda due, run, old: (lax.cond(due, run, lambda: old), False),
     # Compiled with the update: the rule always runs, its result kept where due.
@@ -323,6 +398,13 @@ _DECIDE = {
     # Compiled without it: nothing runs; a due flag is a skipped update.
     False: lambda due, run, old: (old, due),
 }
+
+
+def read_masks(plan: _plan.Plan, layout: _bits.MaskLayout, state: MagnitudePruningState,
+               params: list) -> list:
+  """The bool keep-masks of ``state`` (MaskedNode where unpruned), checked
+  against the flat ``params``."""
+  return _read(plan, layout, _state_masks(plan, state, params, layout), params)
 
 
 def _read(plan: _plan.Plan, layout: _bits.MaskLayout, stored: list, params: list) -> list:

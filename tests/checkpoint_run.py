@@ -2,8 +2,9 @@
 
 Run by tests/test_checkpoint.py in fresh processes:
   python tests/checkpoint_run.py STEPS OUT_DIR [--save DIR] [--restore DIR]
-Both mask layouts (bool and packed) run in turn, in one process: OUT_DIR/bool.npz
-and OUT_DIR/packed.npz, checkpoints under DIR/bool and DIR/packed.
+Each method runs in turn, in one process: gradual pruning with both mask layouts
+(bool, packed), RigL and straight-through masks; OUT_DIR/METHOD.npz, checkpoints
+under DIR/METHOD.
 """
 
 import argparse
@@ -20,9 +21,16 @@ import optax_prune
 SCHEDULE = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=40, frequency=10)
 
 
-def make_tx(packed: bool):
-  return optax.chain(optax.adamw(0.05, weight_decay=0.01),
-                     optax_prune.magnitude_pruning(SCHEDULE, packed_masks=packed))
+METHODS = ("bool", "packed", "rigl", "ste")
+
+
+def make_tx(method: str):
+  adamw = optax.adamw(0.05, weight_decay=0.01)
+  if method == "rigl":  # Drop and grow at 10, 20, 30, 40.
+    return optax_prune.rigl(adamw, 0.8, end_step=50, frequency=10, seed=1)
+  last = (optax_prune.straight_through(SCHEDULE) if method == "ste" else
+          optax_prune.magnitude_pruning(SCHEDULE, packed_masks=method == "packed"))
+  return optax.chain(adamw, last)
 
 
 def initial_params():
@@ -41,8 +49,8 @@ def make_step(tx):
   return step
 
 
-def run(steps: int, out: str, save, restore, packed: bool):
-  tx = make_tx(packed)
+def run(steps: int, out: str, save, restore, method: str):
+  tx = make_tx(method)
   step = make_step(tx)
   params = initial_params()
   state = tx.init(params)
@@ -72,10 +80,10 @@ def main():
   parser.add_argument("--save")
   parser.add_argument("--restore")
   args = parser.parse_args()
-  for layout in ("bool", "packed"):
-    under = lambda folder: folder and os.path.join(folder, layout)
-    run(args.steps, os.path.join(args.out_dir, f"{layout}.npz"), under(args.save),
-        under(args.restore), packed=layout == "packed")
+  for method in METHODS:
+    under = lambda folder: folder and os.path.join(folder, method)
+    run(args.steps, os.path.join(args.out_dir, f"{method}.npz"), under(args.save),
+        under(args.restore), method)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ def check_names() -> list[str]:
   names += [f"structured-explicit-{g}" for g in STRUCTURED]
   names += [f"packed-masks-{a}" for a in AXES]
   names += [f"prune-one-shot-{a}" for a in AXES]
+  names += [f"{check}-{method}-{a}" for a in AXES for method in SPARSE_TRAINING
+            for check in ("sparse-training", "no-gather")]
   for config in config_names():
     names += [f"masks-{config}"]
     names += [f"shardings-{config}"] if _placement_checked(config) else []
@@ -408,6 +410,57 @@ def check_structured(results: Results, axes: str, name: str):
     results.record_error([check])
 
 
+# Sparse training ranks drop and grow (RigL) or dense weights (STE) with the
+# same gather-free kernels: masks update at steps 1 and 2.
+SPARSE_TRAINING = {
+    "rigl": lambda: optax_prune.rigl(optax.adam(0.1), 0.75, end_step=3, frequency=1,
+                                     threshold="histogram"),
+    "ste": lambda: optax.chain(optax.adam(0.1), optax_prune.straight_through(
+        SCHEDULE, threshold="histogram", distribution="uniform")),
+}
+
+
+def check_sparse_training(results: Results, axes: str, method: str):
+  """Masks and params of a sharded run equal those of one device, bitwise, and
+  the compiled step moves only counts across devices."""
+  names = [f"sparse-training-{method}-{axes}", f"no-gather-{method}-{axes}"]
+  try:
+    tx = SPARSE_TRAINING[method]()
+    runs, ops = [], []
+    for sharded in (False, True):
+      mesh = make_mesh(axes)
+      with mesh_context(mesh, axes) if sharded else contextlib.nullcontext():
+        if sharded:
+          params, _ = placed(mesh)
+          opt_state = replicate_scalars(tx.init(params), mesh)
+        else:
+          params = jax.device_put(host_params(), jax.devices()[0])
+          opt_state = tx.init(params)
+        step = jax.jit(train_step(tx))
+        if sharded:
+          ops = collectives(step.lower(params, opt_state).compile().as_text())
+        run = []
+        for _ in range(STEPS):
+          params, opt_state = step(params, opt_state)
+          run.append(({n: np.asarray(m) for n, m in mask_leaves(opt_state).items()},
+                      {n: np.asarray(x) for n, x in params.items()}))
+        runs.append(run)
+    problems = [
+        f"step {t} {kind} {n}: differs from one device"
+        for t, (one, split) in enumerate(zip(*runs))
+        for kind, a, b in (("masks", one[0], split[0]), ("params", one[1], split[1]))
+        for n in a if not np.array_equal(a[n], b[n])
+    ]
+    first, last = runs[0][0][0], runs[0][-1][0]
+    problems += [f"{n}: the masks never changed" for n in first
+                 if np.array_equal(first[n], last[n]) and n != "small_whole"]
+    results.record(names[0], problems)
+    results.record(names[1], [f"{op} {ty}" for op, ty in ops
+                              if not _only_counts(op, ty, "histogram")])
+  except Exception:  # pylint: disable=broad-except
+    results.record_error(names)
+
+
 def check_packed(results: Results, axes: str, one_device: list[tuple[dict, dict]],
                  compiles: CompileCounter):
   """Packed masks: bits placed with their param's spec, masks and params equal
@@ -523,6 +576,8 @@ def run_mesh_checks(out_path: str):
   for axes in AXES:
     check_packed(results, axes, one_device["layer"], compiles)
     check_prune(results, axes)
+    for method in SPARSE_TRAINING:
+      check_sparse_training(results, axes, method)
   results.info["seconds"] = round(time.perf_counter() - start, 1)
   with open(out_path, "w") as f:
     json.dump({"checks": results.checks, "info": results.info}, f, indent=1)

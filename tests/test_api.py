@@ -42,3 +42,13 @@ def test_readme_static_mask_step_example_runs():
   assert int(state.count) == 400 and int(state.skipped_mask_updates) == 0
   summary = optax_prune.sparsity_summary(scope["params"], scope["opt_state"])
   assert summary.pruned == round(0.9 * 64 * 64) and "WARNING" not in str(summary)
+
+
+def test_readme_sparse_training_example_runs(capsys):
+  (block,) = [b for b in _readme_blocks() if "optax_prune.rigl(" in b]
+  exec(compile(block, "README sparse training example", "exec"), {})
+  lines = capsys.readouterr().out.split("\n")
+  names = [line.split()[0] for line in lines if line]
+  assert names == ["rigl", "set", "static", "ste"]
+  for line in filter(None, lines):
+    assert line.split()[-1] == str(round(0.9 * 64 * 64))

@@ -21,15 +21,16 @@ def _run(*args):
 
 
 def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
-  # Each run does both mask layouts (bool, packed). Step 25 lies between the
-  # mask updates at 20 and 30.
+  # Each run does every method of checkpoint_run.py (pruning with bool and
+  # packed masks, RigL, straight-through). Step 25 lies between the mask
+  # updates at 20 and 30.
   runs = {name: tmp_path / name for name in ("straight", "first", "resumed")}
   for folder in runs.values():
     folder.mkdir()
   _run(60, runs["straight"])
   _run(25, runs["first"], "--save", tmp_path / "ckpt")
   _run(35, runs["resumed"], "--restore", tmp_path / "ckpt")
-  for layout in ("bool", "packed"):
+  for layout in ("bool", "packed", "rigl", "ste"):
     straight = np.load(runs["straight"] / f"{layout}.npz")
     resumed = np.load(runs["resumed"] / f"{layout}.npz")
     assert int(resumed["count"]) == 60

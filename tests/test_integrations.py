@@ -103,3 +103,50 @@ def test_nnx_optimizer_prunes_exactly_under_nnx_jit(mask_step):
   paths = [r.path for r in summary.rows]
   assert any("hidden" in p and "kernel" in p for p in paths)
   assert summary.masked_sparsity == (round(0.8 * 192) + round(0.8 * 48)) / 240
+
+
+SPARSE_TRAINING = {
+    "rigl": lambda: optax_prune.rigl(optax.adam(1e-2), 0.8, end_step=10, frequency=4),
+    "set": lambda: optax_prune.set_training(optax.sgd(0.1, momentum=0.9), 0.8, end_step=10,
+                                            frequency=4),
+    "static": lambda: optax.chain(optax.adam(1e-2), optax_prune.static_sparse(0.8)),
+    "ste": lambda: optax.chain(optax.adam(1e-2), optax_prune.straight_through(0.8)),
+}
+
+
+@pytest.mark.parametrize("method", list(SPARSE_TRAINING))
+def test_sparse_training_in_train_state_and_nnx_optimizer(method):
+  # The wrappers own the optimizer and take the raw gradient, as `apply_gradients`
+  # and `nnx.Optimizer.update` give it; the masked weights stay exactly 0.
+  x, y = _data()
+  linen = LinenMLP()
+  state = train_state.TrainState.create(
+      apply_fn=linen.apply, params=linen.init(jax.random.key(0), x)["params"],
+      tx=SPARSE_TRAINING[method]())
+  model = NNXMLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, SPARSE_TRAINING[method](), wrt=nnx.Param)
+  traces = []
+
+  @jax.jit
+  def linen_step(state):
+    traces.append("linen")
+    grads = jax.grad(lambda p: _loss(state.apply_fn({"params": p}, x), y))(state.params)
+    return state.apply_gradients(grads=grads)
+
+  @nnx.jit
+  def nnx_step(model, optimizer):
+    traces.append("nnx")
+    optimizer.update(model, nnx.grad(lambda m: _loss(m(x), y))(model))
+
+  for _ in range(12):
+    state = linen_step(state)
+    nnx_step(model, optimizer)
+  assert sorted(traces) == ["linen", "nnx"]
+  linen_masks = optax_prune.find_pruning_state(state.opt_state).masks
+  nnx_masks = optax_prune.find_pruning_state(nnx.as_pure(optimizer.opt_state)).masks
+  for kernel, mask in ((state.params["Dense_0"]["kernel"], linen_masks["Dense_0"]["kernel"]),
+                       (model.hidden.kernel[...], nnx_masks["hidden"]["kernel"])):
+    mask = np.asarray(mask)
+    assert np.all(np.asarray(kernel)[~mask] == 0.0)
+  summary = optax_prune.sparsity_summary(state.params, state.opt_state)
+  assert summary.pruned == round(0.8 * 240) and "WARNING" not in str(summary)

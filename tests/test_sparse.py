@@ -1,0 +1,207 @@
+"""Sparse training (RigL, SET, static, straight-through) against a NumPy
+reference: drop and grow counts, ties by position, no same-step regrowth when
+asked, grown weights at 0 with fresh moments, exact zeros, one compile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_prune
+from tests import helpers
+from tests import reference
+
+KERNELS = ("conv", "dense", "out")
+FREQUENCY, END_STEP, STEPS = 3, 13, 15  # Mask updates at 3, 6, 9 and 12.
+LR = 0.05
+
+
+def _params():
+  # Weights on a grid of 0.5: many ties, broken by position.
+  return jax.tree.map(lambda x: jnp.round(x * 2) / 2, helpers.params())
+
+
+def _kernel_masks(state):
+  masks = optax_prune.find_pruning_state(state).masks
+  return {k: np.asarray(masks[k]["kernel"]) for k in KERNELS}
+
+
+def _reference_drop_and_grow(old, w, grow, fraction, regrow_dropped):
+  """NumPy: drop the round(f * k) kept entries of smallest |w|, then grow as many
+  candidates of largest |grow| (ties: lower flat index pruned first)."""
+  old = old.reshape(-1)
+  n, k = old.size, int(old.sum())
+  d = int(np.round(np.float32(fraction) * np.float32(k)))
+  if not regrow_dropped:
+    d = min(d, n - k)
+  kept = np.flatnonzero(old)
+  dropped = kept[np.argsort(reference.magnitude_keys(w)[kept], kind="stable")[:d]]
+  after = old.copy()
+  after[dropped] = False
+  candidates = np.flatnonzero(~after if regrow_dropped else ~old)
+  order = candidates[np.argsort(reference.magnitude_keys(grow)[candidates], kind="stable")]
+  new = after.copy()
+  new[order[len(order) - d:]] = True
+  return new, dropped
+
+
+@pytest.mark.parametrize("method,regrow_dropped", [
+    ("rigl", True), ("rigl", False), ("set", True)])
+def test_drop_and_grow_matches_the_numpy_reference(method, regrow_dropped):
+  make = {"rigl": optax_prune.rigl, "set": optax_prune.set_training}[method]
+  fraction = 0.25
+  tx = make(optax.adam(LR), 0.8, end_step=END_STEP, frequency=FREQUENCY,
+            drop_fraction=optax.constant_schedule(fraction), regrow_dropped=regrow_dropped,
+            seed=3)
+  params = _params()
+  state = tx.init(params)
+  masks = _kernel_masks(state)
+  total = sum(m.size for m in masks.values())
+  counts = {k: int((~m).sum()) for k, m in masks.items()}
+  assert sum(counts.values()) == reference.prune_count(0.8, total)  # ERK, exact.
+  moved = 0
+  for t, before, state, after in helpers.train(tx, params, STEPS):
+    new = _kernel_masks(state)
+    grads = jax.grad(helpers.loss)(before)
+    for index, k in zip((1, 3, 5), KERNELS):  # Flat leaf indices of the kernels.
+      if method == "rigl":
+        grow = np.asarray(grads[k]["kernel"])
+      else:
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), t), index)
+        grow = np.asarray(jax.random.uniform(key, masks[k].shape))
+      if t % FREQUENCY == 0 and 0 < t < END_STEP:
+        expected, dropped = _reference_drop_and_grow(
+            masks[k], np.asarray(before[k]["kernel"]), grow, fraction, regrow_dropped)
+        np.testing.assert_array_equal(new[k].reshape(-1), expected, err_msg=f"{k} at {t}")
+        if not regrow_dropped:
+          assert not new[k].reshape(-1)[dropped].any()
+        moved += int((new[k] & ~masks[k]).sum())
+      else:
+        np.testing.assert_array_equal(new[k], masks[k])
+      assert int((~new[k]).sum()) == counts[k]  # The sparsity never drifts.
+      out = np.asarray(after[k]["kernel"])
+      assert np.all(out[~new[k]] == 0)
+      grown = new[k] & ~masks[k]
+      assert np.all(out[grown] == 0)  # Grown weights start at exactly 0.
+    masks = new
+  assert moved > 0
+  pruned = optax_prune.find_pruning_state(state).pruned_units
+  assert sorted(np.asarray(pruned).tolist()) == sorted(counts.values())
+
+
+def test_grown_weights_start_with_fresh_momentum():
+  # SGD with momentum: a grown weight's first update must be -lr * g, not
+  # driven by the trace it had before it was dropped.
+  tx = optax_prune.rigl(optax.sgd(LR, momentum=0.9), 0.7, end_step=END_STEP,
+                        frequency=FREQUENCY, drop_fraction=0.5)
+  stale_seen, checked = False, 0
+  old = previous_trace = grown = None
+  for t, before, state, after in helpers.train(tx, _params(), STEPS):
+    trace = state.inner_state[0].trace
+    if grown is not None:
+      grads = jax.grad(helpers.loss)(before)
+      for k in KERNELS:
+        g = grown[k]
+        np.testing.assert_array_equal(
+            np.asarray(after[k]["kernel"])[g],
+            np.float32(-LR) * np.asarray(grads[k]["kernel"])[g])
+        checked += int(g.sum())
+      grown = None
+    masks = _kernel_masks(state)
+    if t % FREQUENCY == 0 and 0 < t < END_STEP:
+      grown = {k: masks[k] & ~old[k] for k in KERNELS}
+      for k in KERNELS:
+        assert np.all(np.asarray(trace[k]["kernel"])[grown[k]] == 0)  # Reset.
+        stale_seen |= bool(np.any(np.asarray(previous_trace[k]["kernel"])[grown[k]] != 0))
+    old, previous_trace = masks, trace
+  assert stale_seen and checked > 0  # Some grown weights had a stale trace.
+
+
+def test_cosine_drop_fraction_and_frozen_masks():
+  tx = optax_prune.rigl(optax.sgd(LR), 0.5, end_step=8, frequency=4, drop_fraction=0.3)
+  expected = {4: 0.15 * (1 + np.cos(np.pi * 4 / 8))}  # 0.15; step 8 is past the end.
+  params = {"w": jax.random.normal(jax.random.key(1), (20, 20))}
+  old = None
+  for t, before, state, _ in helpers.train(tx, params, 12):
+    mask = np.asarray(optax_prune.find_pruning_state(state).masks["w"])
+    if old is not None:
+      moved = int((mask & ~old).sum())
+      d = round(expected.get(t, 0.0) * 200) if t in expected else 0
+      assert moved <= d and (moved > 0) == (t in expected), t
+    old = mask
+
+
+def test_static_sparse_masks_are_fixed_random_and_exact():
+  params = helpers.params()
+  tx = optax.chain(optax.adamw(LR), optax_prune.static_sparse(0.8, seed=1))
+  first = None
+  for _, _, state, after in helpers.train(tx, params, 6):
+    masks = _kernel_masks(state)
+    first = first or masks
+    for k in KERNELS:
+      np.testing.assert_array_equal(masks[k], first[k])
+      assert np.all(np.asarray(after[k]["kernel"])[~masks[k]] == 0)
+  total = sum(m.size for m in first.values())
+  assert sum(int((~m).sum()) for m in first.values()) == reference.prune_count(0.8, total)
+  other = _kernel_masks(optax_prune.static_sparse(0.8, seed=2).init(params))
+  assert any((other[k] != first[k]).any() for k in KERNELS)
+  # Random units of any granularity: half of the 128 groups of 4 made 2:4.
+  nm = optax_prune.static_sparse(0.5, granularity=optax_prune.n_of_m(2, 4, axis=-2))
+  kept = np.asarray(nm.init(params).masks["dense"]["kernel"]).reshape(8, 4, 16).sum(1)
+  assert sorted(np.unique(kept, return_counts=True)[1].tolist()) == [64, 64]
+  assert set(np.unique(kept).tolist()) == {2, 4}
+
+
+def test_straight_through_trains_dense_weights_and_lets_them_return():
+  schedule = optax_prune.polynomial_schedule(0.5, begin_step=0, end_step=4, frequency=2)
+  tx = optax.chain(optax.sgd(1.0), optax_prune.straight_through(
+      schedule, distribution="uniform"))
+  params = {"w": jnp.array([[0.1, -2.0], [0.3, 4.0]])}
+  state = tx.init(params)
+  dense = np.asarray(params["w"])
+  returned = False
+  for t in range(6):
+    # Push the first entry up: pruned at step 0, it must come back by magnitude.
+    grads = {"w": jnp.array([[-3.0, 0.0], [0.0, 0.0]])}
+    updates, state = tx.update(grads, state, params)
+    new_params = optax.apply_updates(params, updates)
+    mask = np.asarray(state[1].masks.masks["w"])
+    if t in (0, 2, 4):  # Ranked on the dense weights before the step.
+      np.testing.assert_array_equal(mask, reference.keep_masks(
+          [dense], float(schedule(t).sparsity))[0])
+    dense = dense - np.asarray(grads["w"])  # The gradient reaches the dense weights.
+    np.testing.assert_allclose(np.asarray(state[1].dense["w"]), dense, rtol=1e-6)
+    out = np.asarray(new_params["w"])
+    assert np.all(out[~mask] == 0)
+    np.testing.assert_allclose(out[mask], dense[mask], rtol=1e-6)
+    returned |= bool(mask[0, 0])
+    params = new_params
+  assert returned
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: optax_prune.rigl(optax.adam(1e-3), 0.8, end_step=10,
+                              granularity=optax_prune.n_of_m(2, 4, axis=0)), "granularity"),
+    (lambda: optax_prune.rigl(optax.adam(1e-3), 1.5, end_step=10), "sparsity"),
+    (lambda: optax_prune.rigl(optax.adam(1e-3), 0.8, end_step=-1), "end_step"),
+    (lambda: optax_prune.set_training(optax.adam(1e-3), 0.8, end_step=9, frequency=0),
+     "frequency"),
+    (lambda: optax_prune.rigl(optax.adam(1e-3), 0.8, end_step=10, drop_fraction="x"),
+     "drop_fraction"),
+    (lambda: optax_prune.rigl(optax.adam(1e-3), 0.8, end_step=10,
+                              drop_fraction=lambda s: (s, s)), "drop_fraction"),
+    (lambda: optax_prune.rigl("adam", 0.8, end_step=10), "inner"),
+    (lambda: optax_prune.static_sparse(-0.1), "sparsity"),
+])
+def test_bad_arguments_name_themselves(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_updates_without_params_are_a_clear_error():
+  params = {"w": jnp.ones((4, 4))}
+  for tx in (optax_prune.rigl(optax.adam(1e-3), 0.5, end_step=10),
+             optax_prune.straight_through(0.5)):
+    with pytest.raises(ValueError, match="needs them"):
+      tx.update(params, tx.init(params))
