@@ -12,3 +12,6 @@ python3 -m benchmarks.mask_update --sizes 1e5 1e6 1e7 3e7 1e8 --repeats 7 \
 # adam; the in-step lax.cond (bool and packed masks); update_masks=False (no conditional).
 python3 -m benchmarks.step_overhead --repeats 200 --batch-size 512 --compile-thresholds \
   --out "$OUT/step_overhead_gpu.json"
+# Sparse training (SET, RigL, static, STE) beside gradual pruning, in-step and static steps.
+python3 -m benchmarks.step_overhead --sparse-training --repeats 200 --batch-size 512 \
+  --out "$OUT/step_overhead_sparse_gpu.json"

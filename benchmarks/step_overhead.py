@@ -105,6 +105,10 @@ def sparse_training(model, params, x, y, repeats: int) -> dict:
     step = make_step(model, tx)
     steps[label] = lambda step=step, p=p, state=state: step(p, state, x, y)
     if label not in ("adam", "static"):  # Static masks never update.
+      # Compiled without the mask update (no conditional, no host read).
+      fixed = make_step(model, tx, False)
+      steps[f"{label}, update_masks=False"] = (
+          lambda fixed=fixed, p=p, state=state: fixed(p, state, x, y))
       update = make_step(model, tx, True)
       updates[label] = lambda update=update, p=p, state=state: update(p, state, x, y)
   fastest = _common.time_side_by_side(steps, repeats, warmup=3, statistic=min)
@@ -231,7 +235,8 @@ def main_sparse_training(args) -> dict:
   print(_common.table(rows, ("model", "method", "step ms", "step / adam",
                              "mask update step ms")))
   print("\nms: minimum over interleaved repeats of a step that does not update masks"
-        " (sparsity 0.9; gradual: after its one-shot update); mask update step: the step"
+        " (sparsity 0.9; gradual: after its one-shot update), deciding inside the step"
+        " (default) or compiled with update_masks=False; mask update step: the step"
         " compiled with update_masks=True.")
   path = _common.pathlib.Path(args.out)
   _common.write_json(path, records, target_ratio=1.03, statistic="min")

@@ -157,16 +157,14 @@ def _drop_and_grow(
     updates, masks = link.update(inner_updates, state.masks, params,
                                  update_masks=update_masks, grads=grads)
 
-    def reset():
-      # Grown weights start afresh: their params-shaped optimizer state (momentum,
-      # Adam's mu and nu) goes back to what `init` gives (0 for those).
-      new = _transform.read_masks(plan, layout, masks, param_leaves)
-      grown = plan.treedef.unflatten(
-          [n & ~o if p else False for n, o, p in zip(new, old, plan.pruned)])
-      return reset_where(inner, inner_state, params, grown)
-
-    inner_state, _ = _transform.DECIDE[update_masks](
-        _transform.due(plan, state.masks.count), reset, inner_state)
+    # Grown weights start afresh: their params-shaped optimizer state (momentum,
+    # Adam's mu and nu) goes back to what `init` gives (0 for those). Elementwise
+    # on every step, not under a conditional: XLA fuses it into the optimizer's
+    # own write of that state, where a `lax.cond` would copy the state.
+    new = _transform.read_masks(plan, layout, masks, param_leaves)
+    grown = plan.treedef.unflatten(
+        [n & ~o if p else False for n, o, p in zip(new, old, plan.pruned)])
+    inner_state = reset_where(inner, inner_state, params, grown)
     return updates, SparseTrainingState(inner_state, masks)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -341,12 +341,6 @@ def mask_step(
   ))
 
 
-def due(plan: _plan.Plan, count: jax.Array) -> jax.Array:
-  """Whether any schedule of ``plan`` updates its masks at step ``count``."""
-  flags = [jnp.asarray(s.schedule(count).update, bool) for s in plan.schedules]
-  return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
-
-
 def new_masks(
     plan: _plan.Plan, rule: _rules.MaskRule, inputs: Callable[[], _rules.MaskInputs],
     state: MagnitudePruningState, stored: list, layout: _bits.MaskLayout,
@@ -370,7 +364,7 @@ def new_masks(
     new = rule(schedule, sparsity, inputs())
     return new._replace(masks=[layout.store(m) for m in new.masks])
 
-  decide = DECIDE[update_masks]
+  decide = _DECIDE[update_masks]
   skipped = jnp.zeros((), bool)
   for schedule in plan.schedules:
     target = schedule.schedule(state.count)
@@ -389,7 +383,7 @@ def new_masks(
 
 # How a step meets a schedule's `update` flag, by `update_masks`: each takes
 # (due, run, old) and returns (the new MaskUpdate, whether a due update was skipped).
-DECIDE = {
+_DECIDE = {
     # Inside the step: the rule runs only where due (on GPU the flag is read on the host).
     None: lambda due, run, old: (lax.cond(due, run, lambda: old), False),
     # Compiled with the update: the rule always runs, its result kept where due.
