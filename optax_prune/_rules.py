@@ -36,8 +36,9 @@ class MaskInputs(NamedTuple):
   pruned_units: Sequence[Any]  # int32 units each leaf has lost; None if unpruned.
   key: jax.Array  # This step's PRNG key (`_scores.step_key`).
   count: jax.Array  # int32 scalar: the step (the state's count before it).
-  # The raw gradient, where a wrapper that owns the optimizer passes it
-  # (`_sparse`); None for a chained link, which sees only the updates.
+  # The raw gradient, where the caller passes it (`update(..., grads=grads)`,
+  # or a wrapper that owns the optimizer, `_sparse`); else None: a chained
+  # link sees only the updates.
   grads: Optional[Sequence[jax.Array]] = None
 
 
@@ -73,7 +74,8 @@ def prune_smallest(
   scores, shardings = {}, {}
   for leaf in leaves:
     i = leaf.index
-    score = plan.score(inputs.params[i], inputs.updates[i], inputs.masks[i],
+    signal = inputs.updates[i] if inputs.grads is None else inputs.grads[i]
+    score = plan.score(inputs.params[i], signal, inputs.masks[i],
                        _scores.leaf_key(inputs.key, i))
     if leaf.granularity.needs_whole_leaf:
       score, shardings[i] = _placement.gathered(score)

@@ -2,9 +2,11 @@
 
 A score maps one leaf to an array of its shape; entries (or units, see
 ``_granularity``) with the smallest ``|score|`` are pruned first. The
-signature is ``score(param, update, key) -> array``: ``update`` is what the
-pruning transformation receives (the last link of the chain: with plain SGD
-that is ``-lr * grad``, with Adam Adam's step), ``key`` a PRNG key derived
+signature is ``score(param, update, key) -> array``: ``update`` is the raw
+gradient where the transformation is given it (``tx.update(..., grads=grads)``,
+or a wrapper that owns the optimizer), and otherwise what the pruning
+transformation receives (the last link of the chain: with plain SGD that is
+``-lr * grad``, with Adam Adam's step); ``key`` a PRNG key derived
 from ``seed``, the step count and the leaf's position (:func:`step_key`,
 :func:`leaf_key`), so a resumed run draws the same numbers.
 
@@ -31,7 +33,8 @@ def magnitude(param, update, key):
 
 
 def saliency(param, update, key):
-  """``|w * u|``: first-order estimate of the loss change from removing ``w``."""
+  """``|w * g|``: first-order estimate of the loss change from removing ``w``
+  (``g`` the raw gradient where given, else the update the link receives)."""
   del key
   dtype = jnp.promote_types(param.dtype, jnp.float32)
   return param.astype(dtype) * update.astype(dtype)

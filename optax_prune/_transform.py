@@ -166,10 +166,13 @@ def magnitude_pruning(
       ERK lost least accuracy in ``benchmarks.defaults``; pass
       ``"uniform"`` for every leaf at the scheduled sparsity.
     score: what ranks the entries: ``"magnitude"`` (``|w|``),
-      ``"saliency"`` (``|w * u|`` with ``u`` the update this transformation
-      receives), ``"random"`` (uniform, from ``seed`` and the step count:
-      reproducible, also after a resume), or a callable
-      ``score(param, update, key) -> array`` of the param's shape.
+      ``"saliency"`` (``|w * g|``, a first-order estimate of the loss change:
+      ``g`` is the raw gradient when ``update`` is given ``grads=``, and
+      otherwise the update this link receives, which under Adam is Adam's
+      step, not the gradient), ``"random"`` (uniform, from ``seed`` and the
+      step count: reproducible, also after a resume), or a callable
+      ``score(param, g, key) -> array`` of the param's shape, ``g`` as for
+      saliency.
     seed: integer seed of the keys passed to ``score``.
     packed_masks: store the masks in the state as bits (uint8, 8 entries per
       byte along each leaf's last axis) instead of one bool per entry: 8x
@@ -178,9 +181,11 @@ def magnitude_pruning(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
-    ``params`` and takes the keyword ``update_masks`` (``None``, ``True`` or
-    ``False``, a Python bool: static under ``jit``); ``optax.chain`` and
-    ``nnx.Optimizer.update`` pass it through.
+    ``params`` and takes the keywords ``update_masks`` (``None``, ``True`` or
+    ``False``, a Python bool: static under ``jit``) and ``grads`` (the raw
+    gradient, like params, for ``score``: ``tx.update(grads, state, params,
+    grads=grads)``); ``optax.chain`` and ``nnx.Optimizer.update`` pass them
+    through.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_prune

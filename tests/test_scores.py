@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_prune
@@ -28,6 +29,25 @@ def test_saliency_ranks_by_weight_times_update():
     np.testing.assert_array_equal(masks[k], reference.keep_masks([product], 0.6)[0])
   # Not the magnitude mask.
   assert not np.array_equal(masks["w"], reference.keep_masks([np.asarray(params["w"])], 0.6)[0])
+
+
+def test_saliency_ranks_by_the_raw_gradient_when_update_is_given_it():
+  # Under Adam the link receives Adam's step (about -lr * sign(g)), so
+  # |w * u| is nearly the magnitude mask; `grads=` restores |w * g|, through
+  # `optax.chain` as through any other link.
+  params, grads = _params(0), jax.tree.map(lambda x: x ** 3, _params(1))
+  tx = optax.chain(optax.adam(0.1), optax_prune.magnitude_pruning(
+      0.6, score="saliency", distribution="uniform"))
+  with_grads = jax.jit(lambda s: tx.update(grads, s, params, grads=grads))(tx.init(params))
+  without = jax.jit(lambda s: tx.update(grads, s, params))(tx.init(params))
+  masks = optax_prune.find_pruning_state(with_grads[1]).masks
+  adam_masks = optax_prune.find_pruning_state(without[1]).masks
+  for k in params:
+    product = np.asarray(params[k]) * np.asarray(grads[k])
+    np.testing.assert_array_equal(masks[k], reference.keep_masks([product], 0.6)[0])
+  assert not np.array_equal(masks["w"], adam_masks["w"])
+  with pytest.raises(ValueError, match="`grads` must have the structure of `params`"):
+    tx.update(grads, tx.init(params), params, grads={"w": grads["w"]})
 
 
 def test_random_is_exact_seeded_and_reproducible():
