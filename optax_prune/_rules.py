@@ -149,7 +149,9 @@ def drop_and_grow(
 
   Per leaf with :math:`k` kept of :math:`n` entries and drop fraction
   :math:`f` = ``drop_fraction(count)`` (clipped to [0, 1]), :math:`d =
-  \mathrm{round}(f k)` kept entries of smallest ``|w|`` are dropped, then
+  \mathrm{round}(f k)` (in float32: exact below 2**24 kept entries, within one
+  above; the same :math:`d` is dropped and grown, so counts never drift) kept
+  entries of smallest ``|w|`` are dropped, then
   :math:`d` entries of largest ``|grow_score(param, grad, key)|`` are grown
   among the entries not kept after the drop: the dropped ones included
   (RigL's algorithm; such an entry keeps its value), or, with

@@ -142,7 +142,12 @@ def _drop_and_grow(
   def init_fn(params):
     return SparseTrainingState(inner.init(params), link.init(params))
 
-  def update_fn(grads, state, params=None, *, update_masks=None, **extra_args):
+  def update_fn(updates, state, params=None, *, update_masks=None, grads=None,
+                **extra_args):
+    # `updates` is the raw gradient: this wrapper owns the optimizer. A `grads=`
+    # keyword (the convention for chained links) would be the same tree.
+    del grads
+    grads = updates
     if params is None:
       raise ValueError(_transform.NO_PARAMS_MSG)
     plan = _plan.make_plan(config, params)
@@ -174,13 +179,26 @@ def reset_where(inner: optax.GradientTransformation, inner_state: Any, params: A
                 where: Any) -> Any:
   """``inner_state`` with every params-shaped leaf set to its ``init`` value
   where ``where`` (a params-like tree of bool arrays, or ``False`` for a leaf
-  left alone) is True; found with ``optax.tree_utils.tree_map_params``, so
-  any optax optimizer works."""
-  fresh = inner.init(params)
+  left alone) is True.
+
+  The leaves are found with ``optax.tree_utils.tree_map_params``, so any optax
+  optimizer works; a leaf in a params-shaped tree but of another shape
+  (Adafactor's factored row and column moments) is left alone, as are
+  ``MaskedNode`` placeholders (``optax.masked``, ``optax.multi_transform``).
+  """
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+
+  def mark(leaf, grown, param):
+    same = not is_masked(leaf) and jnp.shape(leaf) == jnp.shape(param)
+    return grown if same and grown is not False else False
+
   marks = optax.tree_utils.tree_map_params(
-      inner, lambda _, w: w, inner_state, where, transform_non_params=lambda _: False)
+      inner, mark, inner_state, where, params, transform_non_params=lambda _: False,
+      is_leaf=is_masked)
   return jax.tree.map(
-      lambda s, f, w: s if w is False else jnp.where(w, f, s), inner_state, fresh, marks)
+      lambda leaf, fresh, grown: leaf if grown is False else jnp.where(
+          grown, fresh, leaf).astype(jnp.result_type(leaf)),
+      inner_state, inner.init(params), marks, is_leaf=is_masked)
 
 
 _DST_ARGS = r"""
@@ -214,9 +232,12 @@ _DST_ARGS = r"""
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`SparseTrainingState` and whose ``update(grads, state, params)``
     takes the raw gradient (it owns the optimizer: do not chain another
-    optimizer before it) and ``update_masks`` as :func:`magnitude_pruning`
-    does. Masks are updated at the multiples of ``frequency`` in ``(0,
-    end_step)``.
+    optimizer before it; wrap it in ``optax.MultiSteps``, not the other way
+    round, so that micro-batches are not counted as steps) and
+    ``update_masks`` as :func:`magnitude_pruning` does. Masks are updated at
+    the multiples of ``frequency`` in ``(0, end_step)``. The first forward
+    pass sees the params as given (``init`` cannot change them); pruned
+    entries are exactly 0 from the first ``optax.apply_updates`` on.
 """
 
 
@@ -383,9 +404,11 @@ def straight_through(
     threshold: as in :func:`magnitude_pruning`.
     granularity: as in :func:`magnitude_pruning`.
     distribution: as in :func:`magnitude_pruning`.
-    score: ``"magnitude"`` (jaxpruner's SteMagnitudePruning; ranked afresh),
-      ``"random"`` (SteRandomPruning; a new draw among the kept entries),
-      ``"saliency"`` or a callable, as in :func:`magnitude_pruning`.
+    score: ``"magnitude"`` (jaxpruner's SteMagnitudePruning), ``"random"``
+      (SteRandomPruning: a new draw over all entries), ``"saliency"`` or a
+      callable, as in :func:`magnitude_pruning`; every score ranks all
+      entries afresh at each update (pruned ones are not scored 0), so
+      pruned weights can return.
     seed: as in :func:`magnitude_pruning`.
     packed_masks: as in :func:`magnitude_pruning`.
 
@@ -415,6 +438,9 @@ def straight_through(
   config = _config.make_config(
       schedule, where=where, scope=scope, threshold=threshold, granularity=granularity,
       distribution=distribution, score=score, seed=seed, packed_masks=packed_masks)
+  # Ranked afresh on the dense weights: no score is zeroed at pruned entries.
+  config = dataclasses.replace(
+      config, score=dataclasses.replace(config.score, zero_when_pruned=True))
 
   def init_fn(params):
     plan = _plan.make_plan(config, params)
