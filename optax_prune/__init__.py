@@ -9,6 +9,11 @@ from optax_prune._compact import load_compact
 from optax_prune._compact import save_compact
 from optax_prune._compact import uncompact
 from optax_prune._activations import input_norms
+from optax_prune._coupling import channel_groups
+from optax_prune._coupling import ChannelGroup
+from optax_prune._coupling import ChannelGroups
+from optax_prune._coupling import shrink
+from optax_prune._coupling import Shrunk
 from optax_prune._config import mask_update_steps
 from optax_prune._activations import InputNorm
 from optax_prune._export import export_size_report
@@ -20,6 +25,7 @@ from optax_prune._export import to_bcoo
 from optax_prune._export import to_nm
 from optax_prune._granularity import blocks
 from optax_prune._granularity import channels
+from optax_prune._granularity import coupled_channels
 from optax_prune._granularity import Granularity
 from optax_prune._granularity import n_of_m
 from optax_prune._granularity import unstructured
@@ -56,6 +62,8 @@ except _metadata.PackageNotFoundError:  # Imported from a source tree.
   __version__ = "0.0.0"
 
 __all__ = (
+    "ChannelGroup",
+    "ChannelGroups",
     "CompactLeaf",
     "CompactNMLeaf",
     "ExportSizeReport",
@@ -68,14 +76,17 @@ __all__ = (
     "PruningSchedule",
     "PruningTarget",
     "SensitivityReport",
+    "Shrunk",
     "SparseTrainingState",
     "SparsitySummary",
     "StraightThroughState",
     "blocks",
     "by_path",
+    "channel_groups",
     "channels",
     "compact",
     "constant_schedule",
+    "coupled_channels",
     "export_size_report",
     "find_pruning_state",
     "from_optax_schedule",
@@ -94,6 +105,7 @@ __all__ = (
     "sensitivity",
     "save_compact",
     "set_training",
+    "shrink",
     "sparsities_for_budget",
     "sparsity_summary",
     "static_sparse",

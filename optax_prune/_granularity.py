@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_prune import _checks
+from optax_prune import _coupling
 from optax_prune import _thresholds
 
 
@@ -381,3 +382,99 @@ def checked_unit_count(granularity: Granularity, path: str, shape: Sequence[int]
         " Return `unit_keep` broadcast back to the leaf, as `channels` does."
     )
   return math.prod(units.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoupledChannels:
+  """Channels of coupled groups, each pruned in all its members at once.
+
+  Not a per-leaf granularity: a unit spans leaves. ``magnitude_pruning``
+  prunes the groups' parameter members (its ``where``) with the rule
+  ``_rules.prune_coupled``.
+  """
+
+  groups: tuple  # Of `_coupling.ChannelGroup`, all prunable.
+  norm: str = "l2"
+
+  @property
+  def paths(self) -> frozenset:
+    return frozenset(path for g in self.groups for path, _ in g.members)
+
+  def selects(self, path, leaf) -> bool:
+    """The ``where`` it implies: the groups' parameter members."""
+    del leaf
+    return jax.tree_util.keystr(path) in self.paths
+
+  def channel_scores(self, scores: jax.Array, axis: int) -> jax.Array:
+    return Channels(axis, self.norm).unit_scores(scores)
+
+  def check_params(self, params: Any) -> None:
+    """Raises a ``ValueError`` naming a member missing from ``params`` or of
+    another size (groups found for other params)."""
+    leaves = _coupling._by_path(params)  # pylint: disable=protected-access
+    for group in self.groups:
+      for path, axis in group.members:
+        _coupling._member(leaves, path, axis, group, "params")  # pylint: disable=protected-access
+
+  def checked_setup(self, schedule: Any, where: Any, scope: str, distribution: Any):
+    """Refuses ``magnitude_pruning`` arguments that it decides itself."""
+    for name, value, allowed in (("where", where, (None,)), ("scope", scope, ("layer",)),
+                                 ("distribution", distribution, (None, "uniform"))):
+      if value not in allowed:
+        raise ValueError(
+            f"`{name}={value!r}` cannot be combined with `coupled_channels`: it prunes"
+            " exactly the groups' members, each group losing round(s * channels)"
+            f" channels; leave `{name}` at its default.")
+    if not (callable(schedule) or _checks.is_number(schedule)):
+      raise ValueError(
+          "`coupled_channels` needs one schedule (a number or a schedule) for all"
+          f" its groups; got {schedule!r}. To prune some groups only, pass a"
+          " subset of `channel_groups(...).prunable`.")
+
+
+def coupled_channels(groups: Any, *, norm: str = "l2") -> CoupledChannels:
+  r"""Structured pruning over coupled channel groups (Torch-Pruning's DepGraph).
+
+  For ``magnitude_pruning(schedule, granularity=coupled_channels(groups))``.
+  Each group of :math:`C` channels found by :func:`channel_groups` (a
+  layer's output units with its bias, the BatchNorm after it, the next
+  layer's input rows and everything joined by residual adds; or an
+  attention layer's heads) loses exactly :math:`\mathrm{round}(s \cdot C)`
+  channels at scheduled sparsity :math:`s`, those of smallest score
+
+  .. math::
+
+    \mathrm{score}(c) = \sum_{(w, a) \in \text{members}} \lVert w_{[a = c]} \rVert
+
+  (the L2 or L1 norm of each parameter member's slice at channel ``c``
+  along its axis ``a``, of the transformation's ``score``: ``|w|`` by
+  default); ties by position. A pruned channel is masked in every member, so
+  :func:`shrink` can cut it out. The members are the pruned leaves
+  (``where`` is implied), and every group follows the one ``schedule``.
+
+  Args:
+    groups: a :class:`ChannelGroups` (its prunable groups) or a sequence of
+      its :class:`ChannelGroup` items (a subset: heads only, say). A group
+      that cannot be removed safely is an error.
+    norm: ``"l2"`` or ``"l1"``.
+
+  Returns:
+    A granularity for ``magnitude_pruning(granularity=...)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, optax_prune
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((3, 5))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> groups = optax_prune.channel_groups(
+    ...     lambda p, x: model.apply({"params": p}, x), params, x)
+    >>> tx = optax_prune.magnitude_pruning(
+    ...     0.5, granularity=optax_prune.coupled_channels(groups))
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> state.masks["layers_0"]["bias"].sum(), state.masks["layers_2"]["kernel"].sum()
+    (Array(2, dtype=int32), Array(4, dtype=int32))
+  """
+  from optax_prune import _coupling  # pylint: disable=g-import-not-at-top
+
+  return CoupledChannels(_coupling.checked_groups(groups, "groups"),
+                         _checks.one_of("norm", norm, ("l1", "l2")))

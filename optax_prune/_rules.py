@@ -15,6 +15,7 @@ scores -> unit scores -> counts -> kernel -> expand.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
 
 import jax
@@ -194,3 +195,67 @@ def drop_and_grow(
     )
 
   return rule
+
+
+def prune_coupled(groups: Sequence[Any], channel_scores: Callable) -> MaskRule:
+  r"""Structured pruning over coupled channel groups (see ``_coupling``).
+
+  Per group of :math:`C` channels, a channel's score is the sum over the
+  group's parameter members of ``channel_scores(member scores, axis)`` (the
+  L1 or L2 norm of the member's slice at the channel), and exactly
+  :math:`\max(\mathrm{round}(s C), \text{pruned before})` channels of
+  smallest score are pruned, ties by position; channels pruned before rank
+  below every kept one, so masks only grow. A member's mask is the product
+  of the keep vectors of the groups it belongs to, along their axes (a
+  kernel between two groups loses rows and columns). Reported per leaf:
+  pruned entries (units are entries) and their share as the target.
+  """
+
+  def rule(plan, sparsity, inputs):
+    leaves = {_paths_key(leaf.path): leaf for leaf in plan.leaves}
+    sparsity = _distributions.clip_sparsity(sparsity)
+    scores = {}
+    for leaf in plan.leaves:
+      i = leaf.index
+      signal = inputs.updates[i] if inputs.grads is None else inputs.grads[i]
+      scores[i] = plan.score(inputs.params[i], signal, inputs.masks[i],
+                             _scores.leaf_key(inputs.key, i))
+    keeps = {leaf.index: [] for leaf in plan.leaves}
+    for group in groups:
+      members = [(leaves[path].index, axis) for path, axis in group.members]
+      unit = sum(channel_scores(scores[i], axis) for i, axis in members)
+      kept_before = functools.reduce(jnp.logical_or, [
+          jnp.any(inputs.masks[i], axis=_other_axes(inputs.masks[i], axis))
+          for i, axis in members])
+      count = jnp.maximum(
+          _distributions.prune_count(sparsity, group.size),
+          (group.size - jnp.sum(kept_before, dtype=jnp.int32)).astype(jnp.uint32))
+      (keep,), = _thresholds.keep_masks_for_counts(
+          [[ranked_within(kept_before, unit)]], [count], "sort")
+      for i, axis in members:
+        keeps[i].append((axis, keep))
+    masks = []
+    for leaf in plan.leaves:
+      mask = jnp.ones(leaf.shape, bool)
+      for axis, keep in keeps[leaf.index]:
+        shape = [1] * len(leaf.shape)
+        shape[axis] = keep.shape[0]
+        mask = mask & keep.reshape(shape)
+      masks.append(mask)
+    pruned = [jnp.sum(~m, dtype=jnp.int32) for m in masks]
+    return MaskUpdate(
+        masks=masks,
+        targets=[p.astype(jnp.float32) / max(m.size, 1) for p, m in zip(pruned, masks)],
+        pruned_units=pruned,
+    )
+
+  return rule
+
+
+def _paths_key(path: str) -> str:
+  """A plan's leaf path as ``channel_groups`` names it (nnx's ``.value`` dropped)."""
+  return path[:-len(".value")] if path.endswith(".value") else path
+
+
+def _other_axes(x: jax.Array, axis: int) -> tuple[int, ...]:
+  return tuple(a for a in range(x.ndim) if a != axis)

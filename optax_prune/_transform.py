@@ -20,6 +20,7 @@ from jax import lax
 
 from optax_prune import _bits
 from optax_prune import _config
+from optax_prune import _granularity
 from optax_prune import _paths
 from optax_prune import _placement
 from optax_prune import _plan
@@ -203,11 +204,26 @@ def magnitude_pruning(
     static pruning hooks; Evci et al., `Rigging the Lottery
     <https://arxiv.org/abs/1911.11134>`_, 2020 (ERK).
   """
+  rule, coupled = _rules.prune_smallest, None
+  if isinstance(granularity, _granularity.CoupledChannels):
+    # Units span leaves: the groups choose the leaves and a rule of their own.
+    coupled, granularity = granularity, None
+    coupled.checked_setup(schedule, where, scope, distribution)
+    where, distribution = coupled.selects, "uniform"
+    rule = _rules.prune_coupled(coupled.groups, coupled.channel_scores)
   config = _config.make_config(
       schedule, where=where, scope=scope, threshold=threshold,
       granularity=granularity, distribution=distribution, score=score, seed=seed,
       packed_masks=packed_masks)
-  return masking(config, _rules.prune_smallest)
+  tx = masking(config, rule)
+  if coupled is None:
+    return tx
+
+  def init_fn(params):
+    coupled.check_params(params)
+    return tx.init(params)
+
+  return tx._replace(init=init_fn)
 
 
 def masking(

@@ -1,0 +1,647 @@
+"""Coupled channel groups: which parameter axes must shrink together.
+
+A Dense layer's output units are also the next layer's input rows, its
+bias's entries, a BatchNorm's scale, bias and running statistics, and the
+other side of every residual add they meet. :func:`channel_groups` finds
+these groups by tracing the model to a jaxpr and following each array axis
+through every primitive (a union-find over ``(variable, axis)`` pairs), not
+by layer names; :func:`shrink` then slices the pruned channels out of every
+member, so a model built with the new sizes computes what the masked model
+computed.
+
+Removing channel ``c`` of a group is exact when the masked model's values at
+``c`` never reach the outputs: every place where ``c`` meets other channels
+must be a contraction with a *weight* (a value computed from params and
+state alone) that is exactly zero at ``c`` (a masked kernel). A group is
+refused (``reason`` says why, its axes are left alone) when one of its axes
+
+* is an input or an output of the model;
+* is reduced over (a mean or a norm: LayerNorm's statistics change with the
+  number of channels), concatenated, sliced, indexed, padded, reversed,
+  sorted or scanned;
+* is merged with or split from another axis by a reshape (a flatten before
+  a Dense layer: channels interleaved with positions);
+* is contracted between two activations (attention logits, scaled by
+  ``1 / sqrt(depth)``: a shrunk model would scale them by its new depth), or
+  with a factor that is not zero at pruned channels;
+* meets a primitive not analysed here (a loop, a custom call): every axis it
+  touches is refused.
+
+What the jaxpr cannot show is a constant computed in Python from an axis's
+size (``x / x.shape[-1]`` on a channel axis); such a model must be checked
+by comparing outputs, as ``tests/test_coupling.py`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from optax_prune import _paths
+from optax_prune import _tables
+
+PARAMS, STATE, INPUT = "params", "state", "input"
+
+# Elementwise primitives (operands of the output's shape, or size-1 axes
+# broadcast). f(0) = 0 for the unary ones in `_ZERO_UNARY`.
+_ELEMENTWISE = frozenset("""
+abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp
+convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp
+exp2 expm1 floor ge gt igamma imag integer_pow is_finite le lgamma log log1p
+logistic lt max min mul ne neg nextafter not or pow real reduce_precision rem
+round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan tanh xor
+""".split())
+_ZERO_UNARY = frozenset("""
+abs asin asinh atan atanh cbrt ceil convert_element_type copy copy_p erf expm1
+floor log1p neg real reduce_precision round sign sin sinh sqrt square
+stop_gradient tan tanh
+""".split())
+_ZERO_IF_ALL = frozenset({"add", "add_any", "sub", "max", "min", "select_n"})
+_IDENTITY = frozenset({"sharding_constraint", "optimization_barrier", "pvary"})
+_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
+                     "reduce_and", "reduce_or", "argmax", "argmin"})
+_ALONG_AXIS = {"cumsum": "axis", "cumprod": "axis", "cummax": "axis",
+               "cummin": "axis", "cumlogsumexp": "axis", "split": "axis",
+               "sort": "dimension"}
+_SUBJAXPR = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+  """Parameter axes that index the same channels and shrink together.
+
+  Attributes:
+    size: the number of channels.
+    members: ``(path, axis)`` of each parameter axis in the group, paths as
+      ``jax.tree_util.keystr`` of the params' leaves (an nnx ``Variable``'s
+      ``.value`` dropped).
+    state_members: the same for the state (BatchNorm's running statistics).
+    reason: why the group cannot be removed safely; ``""`` if it can.
+    name: ``"path[axis a]"`` of the member that makes the channels: the
+      first leaf (kernels first) whose last axis of two or more is in the
+      group (a layer's outputs), else the first kernel, else the first member.
+  """
+
+  size: int
+  members: tuple[tuple[str, int], ...]
+  state_members: tuple[tuple[str, int], ...] = ()
+  reason: str = ""
+  name: str = ""
+
+  @property
+  def prunable(self) -> bool:
+    return not self.reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroups:
+  """Every group of coupled parameter axes of a model (see :func:`channel_groups`)."""
+
+  groups: tuple[ChannelGroup, ...]
+
+  @property
+  def prunable(self) -> tuple[ChannelGroup, ...]:
+    return tuple(g for g in self.groups if g.prunable)
+
+  def __str__(self) -> str:
+    rows = [(g.name, g.size, len(g.members) + len(g.state_members),
+             g.reason or "prunable") for g in self.groups]
+    return _tables.format_table(("group", "channels", "members", "status"), rows)
+
+
+def channel_groups(fn: Callable, params: Any, *inputs: Any, state: Any = None) -> ChannelGroups:
+  """Finds the groups of parameter axes that must shrink together.
+
+  Traces ``fn`` to a jaxpr (nothing runs) and follows every axis of every
+  value through its primitives: an elementwise op or a residual add joins
+  its operands' axes, a matmul or convolution joins the contracted axes of
+  both sides and passes the others on, a transpose or reshape moves them,
+  and so on. Each group of joined axes that holds a parameter axis is
+  reported, with the reason it cannot be removed if one of its axes is an
+  input or output of the model, is reduced over (LayerNorm), merged by a
+  reshape (a flatten), concatenated or sliced, contracted between two
+  activations (attention logits), or meets an unknown primitive (see the
+  module docstring). Covered: Dense, Conv (grouped only depthwise), Embed,
+  BatchNorm (inference), residual adds, and flax's multi-head attention,
+  whose heads are one group (query, key, value and output projections) and
+  whose value/output head depth is another.
+
+  Args:
+    fn: the model in inference mode, returning its outputs only:
+      ``fn(params, *inputs)``, or ``fn(params, state, *inputs)`` when
+      ``state`` is given. For flax linen:
+      ``lambda p, s, x: model.apply({"params": p, **s}, x)``; for nnx:
+      ``lambda p, s, x: nnx.merge(graphdef, p, s)(x)``.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    *inputs: example inputs (their shapes matter, not their values; a batch
+      larger than 1 keeps the batch axis apart from size-1 axes).
+    state: other variables ``fn`` reads (BatchNorm's ``batch_stats``):
+      coupled like params but never masked, sliced by :func:`shrink`.
+
+  Returns:
+    A :class:`ChannelGroups`; ``str()`` of it is a table.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax_prune
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> params = model.init(jax.random.key(0), jnp.ones((4, 3)))["params"]
+    >>> groups = optax_prune.channel_groups(
+    ...     lambda p, x: model.apply({"params": p}, x), params, jnp.ones((4, 3)))
+    >>> [(g.size, g.members) for g in groups.prunable]
+    [(8, (("['layers_0']['bias']", 0), ("['layers_0']['kernel']", 1), ("['layers_2']['kernel']", 0)))]
+  """
+  trees = [(PARAMS, params)] + ([] if state is None else [(STATE, state)])
+  named = []  # (tree, path) per flat argument; None for model inputs.
+  flat = []
+  for kind, tree in trees:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      named.append((kind, jax.tree_util.keystr(_paths.normalized(path))))
+      flat.append(leaf)
+  input_leaves, input_def = jax.tree.flatten(inputs)
+  named += [(INPUT, None)] * len(input_leaves)
+  flat += input_leaves
+  n_tree = len(flat) - len(input_leaves)
+  tree_defs = [jax.tree.structure(tree) for _, tree in trees]
+
+  def flat_fn(*leaves):
+    rebuilt, start = [], 0
+    for treedef in tree_defs:
+      rebuilt.append(treedef.unflatten(leaves[start:start + treedef.num_leaves]))
+      start += treedef.num_leaves
+    return fn(*rebuilt, *input_def.unflatten(leaves[n_tree:]))
+
+  spec = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
+  closed = jax.make_jaxpr(flat_fn)(*spec)
+  graph = _Graph()
+  jaxpr = closed.jaxpr
+  for var, (kind, _) in zip(jaxpr.invars, named):
+    graph.weight[var] = kind != INPUT
+    for a in range(_ndim(var)):
+      graph.zero[(var, a)] = kind == PARAMS
+      if kind == INPUT:
+        graph.block(graph.node(var, a), "an input of the model")
+  for var in jaxpr.constvars:
+    graph.weight[var] = True
+  graph.run(jaxpr)
+  for var in jaxpr.outvars:
+    if not isinstance(var, jcore.Literal):
+      for a in range(_ndim(var)):
+        graph.block(graph.node(var, a), "an output of the model")
+  return graph.groups(jaxpr.invars, named)
+
+
+class _Graph:
+  """Union-find over ``(var, axis)`` nodes, with per-node refusal reasons."""
+
+  def __init__(self):
+    self.ids: dict = {}  # (var, axis) -> node id.
+    self.parent: list[int] = []
+    self.size: list[int] = []  # Length of the axis.
+    self.reasons: dict[int, str] = {}  # node -> first reason it was refused.
+    self.zero: dict = {}  # (var, axis) -> slices at pruned channels are 0.
+    self.weight: dict = {}  # var -> computed from params and state alone.
+
+  # -- union-find --
+  def node(self, var, axis: int) -> int:
+    key = (var, axis)
+    if key not in self.ids:
+      self.ids[key] = len(self.parent)
+      self.parent.append(len(self.parent))
+      self.size.append(int(var.aval.shape[axis]))
+    return self.ids[key]
+
+  def find(self, i: int) -> int:
+    while self.parent[i] != i:
+      self.parent[i] = self.parent[self.parent[i]]
+      i = self.parent[i]
+    return i
+
+  def link(self, a, a_axis, b, b_axis) -> None:
+    """Joins two axes (of equal length; literals and size changes are skipped)."""
+    if _literal(a) or _literal(b):
+      return
+    i, j = self.find(self.node(a, a_axis)), self.find(self.node(b, b_axis))
+    if i == j:
+      return
+    if self.size[i] != self.size[j]:
+      self.block(i, "joined to an axis of another length")
+      self.block(j, "joined to an axis of another length")
+      return
+    self.parent[j] = i
+
+  def block(self, i: int, reason: str) -> None:
+    self.reasons.setdefault(i, reason)
+
+  def block_var(self, var, reason: str, axes=None) -> None:
+    if _literal(var):
+      return
+    for a in range(_ndim(var)) if axes is None else axes:
+      self.block(self.node(var, a), reason)
+
+  def is_zero(self, var, axis) -> bool:
+    if _literal(var):
+      return bool(np.all(np.asarray(var.val) == 0))
+    return self.zero.get((var, axis), False)
+
+  def is_weight(self, var) -> bool:
+    return _literal(var) or self.weight.get(var, False)
+
+  # -- the walk --
+  def run(self, jaxpr) -> None:
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        self.weight[var] = all(self.is_weight(v) for v in eqn.invars)
+      name = eqn.primitive.name
+      sub = next((eqn.params[k] for k in _SUBJAXPR if k in eqn.params), None)
+      if name in _ELEMENTWISE:
+        self._elementwise(eqn)
+      elif name in _IDENTITY:
+        for a, b in zip(eqn.invars, eqn.outvars):
+          self._same(a, b)
+      elif name == "dot_general":
+        self._dot_general(eqn)
+      elif name == "conv_general_dilated":
+        self._conv(eqn)
+      elif name == "broadcast_in_dim":
+        self._broadcast(eqn)
+      elif name in ("reshape", "squeeze", "expand_dims"):
+        self._reshape(eqn)
+      elif name == "transpose":
+        (x,), (y,) = eqn.invars, eqn.outvars
+        for out_axis, in_axis in enumerate(eqn.params["permutation"]):
+          self._pass(x, in_axis, y, out_axis)
+      elif name in _REDUCE:
+        self._reduce(eqn)
+      elif name in _ALONG_AXIS:
+        self._along_axis(eqn, eqn.params[_ALONG_AXIS[name]], f"`{name}` runs along it")
+      elif name == "concatenate":
+        self._along_axis(eqn, eqn.params["dimension"], "concatenated")
+      elif name == "pad":
+        self._pad(eqn)
+      elif name in ("slice", "dynamic_slice"):
+        self._slice(eqn)
+      elif name == "gather":
+        self._gather(eqn)
+      elif name in ("iota", "rng_bit_generator", "random_bits", "random_seed",
+                    "random_wrap", "random_unwrap"):
+        pass  # No channel flows in.
+      elif sub is not None and name not in ("scan", "while", "cond"):
+        self._call(eqn, sub)
+      else:
+        reason = f"`{name}` is not analysed"
+        for var in list(eqn.invars) + list(eqn.outvars):
+          self.block_var(var, reason)
+
+  def _pass(self, x, x_axis, y, y_axis, zero=None) -> None:
+    """``y``'s axis carries ``x``'s channels (zero where ``x`` is, unless told)."""
+    self.link(x, x_axis, y, y_axis)
+    self.zero[(y, y_axis)] = self.is_zero(x, x_axis) if zero is None else zero
+
+  def _same(self, x, y) -> None:
+    for a in range(_ndim(y)):
+      self._pass(x, a, y, a)
+
+  def _elementwise(self, eqn) -> None:
+    name = eqn.primitive.name
+    (y,) = eqn.outvars
+    shape = y.aval.shape
+    values = eqn.invars[1:] if name == "select_n" else eqn.invars
+    for a, size in enumerate(shape):
+      aligned = [v for v in eqn.invars if _ndim(v) == len(shape)
+                 and v.aval.shape[a] == size]
+      aligned_ids = {id(v) for v in aligned}
+      for v in aligned:
+        self.link(v, a, y, a)
+      # Whether y's slices at pruned channels are exactly 0.
+      zeros = [id(v) in aligned_ids and self.is_zero(v, a) or _literal_zero(v)
+               for v in values]
+      if name in _ZERO_UNARY or (name == "integer_pow" and eqn.params["y"] > 0):
+        zero = zeros[0]
+      elif name in _ZERO_IF_ALL:
+        zero = all(zeros)
+      elif name == "mul":
+        zero = any(zeros)
+      elif name == "div":
+        zero = zeros[0]
+      else:
+        zero = False
+      self.zero[(y, a)] = zero
+
+  def _dot_general(self, eqn) -> None:
+    (lhs, rhs), (y,) = eqn.invars, eqn.outvars
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    for a, b in zip(lc, rc):
+      self._contract(lhs, a, rhs, b)
+    out = 0
+    for a, b in zip(lb, rb):
+      self._pass(lhs, a, y, out, self.is_zero(lhs, a) or self.is_zero(rhs, b))
+      self.link(rhs, b, y, out)
+      out += 1
+    for x, skip in ((lhs, set(lc) | set(lb)), (rhs, set(rc) | set(rb))):
+      for a in range(_ndim(x)):
+        if a not in skip:
+          self._pass(x, a, y, out)
+          out += 1
+
+  def _contract(self, lhs, a, rhs, b) -> None:
+    """Channels summed over: safe only against a weight that is 0 at them."""
+    self.link(lhs, a, rhs, b)
+    if not (self.is_weight(lhs) and self.is_zero(lhs, a)
+            or self.is_weight(rhs) and self.is_zero(rhs, b)):
+      reason = ("contracted between two activations (attention logits: a shrunk"
+                " model would rescale them)")
+      if self.is_weight(lhs) or self.is_weight(rhs):
+        reason = "contracted with a weight that is not zero at pruned channels"
+      self.block_var(lhs, reason, [a])
+      self.block_var(rhs, reason, [b])
+
+  def _conv(self, eqn) -> None:
+    (lhs, rhs), (y,) = eqn.invars, eqn.outvars
+    lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+    groups = eqn.params["feature_group_count"]
+    window = "a convolution window"
+    self.block_var(rhs, window, rhs_spec[2:])
+    self.block_var(lhs, window, lhs_spec[2:])
+    self.block_var(y, window, out_spec[2:])
+    self._pass(lhs, lhs_spec[0], y, out_spec[0])
+    if eqn.params["batch_group_count"] != 1:
+      for var in (lhs, rhs, y):
+        self.block_var(var, "a convolution with batch groups")
+    elif groups == 1:
+      self._contract(lhs, lhs_spec[1], rhs, rhs_spec[1])
+      self._pass(rhs, rhs_spec[0], y, out_spec[1])
+    elif rhs.aval.shape[rhs_spec[1]] == 1 and rhs.aval.shape[rhs_spec[0]] == groups:
+      # Depthwise: each channel is convolved on its own.
+      self.block_var(rhs, "the depthwise kernel's unit axis", [rhs_spec[1]])
+      self._pass(rhs, rhs_spec[0], y, out_spec[1],
+                 self.is_zero(rhs, rhs_spec[0]) or self.is_zero(lhs, lhs_spec[1]))
+      self.link(lhs, lhs_spec[1], y, out_spec[1])
+    else:
+      reason = "a grouped convolution (only depthwise is analysed)"
+      for var, axes in ((lhs, [lhs_spec[1]]), (rhs, rhs_spec[:2]), (y, [out_spec[1]])):
+        self.block_var(var, reason, axes)
+
+  def _broadcast(self, eqn) -> None:
+    (x,), (y,) = eqn.invars[:1], eqn.outvars
+    for a, b in enumerate(eqn.params["broadcast_dimensions"]):
+      if x.aval.shape[a] == y.aval.shape[b]:
+        self._pass(x, a, y, b)
+
+  def _reshape(self, eqn) -> None:
+    x, (y,) = eqn.invars[0], eqn.outvars
+    ins = [(a, s) for a, s in enumerate(x.aval.shape) if s != 1]
+    outs = [(a, s) for a, s in enumerate(y.aval.shape) if s != 1]
+    i = j = 0
+    while i < len(ins) and j < len(outs):
+      if ins[i][1] == outs[j][1]:
+        self._pass(x, ins[i][0], y, outs[j][0])
+        i, j = i + 1, j + 1
+        continue
+      # Merged or split: take axes on both sides until the products meet.
+      i0, j0, p, q = i, j, ins[i][1], outs[j][1]
+      i, j = i + 1, j + 1
+      while p != q:
+        if p < q:
+          p, i = p * ins[i][1], i + 1
+        else:
+          q, j = q * outs[j][1], j + 1
+      reason = "merged with or split from another axis by a reshape"
+      self.block_var(x, reason, [a for a, _ in ins[i0:i]])
+      self.block_var(y, reason, [a for a, _ in outs[j0:j]])
+
+  def _reduce(self, eqn) -> None:
+    (x,), (y,) = eqn.invars, eqn.outvars
+    axes = set(eqn.params["axes"])
+    self.block_var(x, "reduced over (a mean or norm changes with its size)", axes)
+    kept = [a for a in range(_ndim(x)) if a not in axes]
+    keeps_zero = eqn.primitive.name in ("reduce_sum", "reduce_max", "reduce_min")
+    for out_axis, a in enumerate(kept):
+      self._pass(x, a, y, out_axis, keeps_zero and self.is_zero(x, a))
+
+  def _along_axis(self, eqn, axis: int, reason: str) -> None:
+    arrays = [v for v in eqn.invars if _ndim(v) == _ndim(eqn.outvars[0])]
+    for var in arrays + list(eqn.outvars):
+      self.block_var(var, reason, [axis % _ndim(var)])
+    for a in range(_ndim(eqn.outvars[0])):
+      if a != axis % _ndim(eqn.outvars[0]):
+        for y in eqn.outvars:
+          for x in arrays:
+            self.link(x, a, y, a)
+          self.zero[(y, a)] = all(self.is_zero(x, a) for x in arrays)
+
+  def _pad(self, eqn) -> None:
+    (x, value), (y,) = eqn.invars, eqn.outvars
+    for a, config in enumerate(eqn.params["padding_config"]):
+      if tuple(config) == (0, 0, 0):
+        self._pass(x, a, y, a)
+      else:
+        self.block_var(x, "padded", [a])
+        self.block_var(y, "padded", [a])
+    if not _literal_zero(value):
+      for a in range(_ndim(y)):
+        self.zero[(y, a)] = False
+
+  def _slice(self, eqn) -> None:
+    x, (y,) = eqn.invars[0], eqn.outvars
+    for a in range(_ndim(x)):
+      if x.aval.shape[a] == y.aval.shape[a] and (
+          eqn.primitive.name == "dynamic_slice" or eqn.params["start_indices"][a] == 0):
+        self._pass(x, a, y, a)
+      else:
+        self.block_var(x, "sliced", [a])
+        self.block_var(y, "sliced", [a])
+
+  def _gather(self, eqn) -> None:
+    (x, indices), (y,) = eqn.invars, eqn.outvars
+    numbers = eqn.params["dimension_numbers"]
+    skipped = set(numbers.collapsed_slice_dims) | set(numbers.operand_batching_dims)
+    whole = [a for a in range(_ndim(x)) if a not in skipped]
+    for a, out_axis in zip(whole, numbers.offset_dims):
+      if (eqn.params["slice_sizes"][a] == x.aval.shape[a]
+          and a not in numbers.start_index_map):
+        self._pass(x, a, y, out_axis)
+      else:
+        self.block_var(x, "indexed", [a])
+        self.block_var(y, "indexed", [out_axis])
+    self.block_var(x, "indexed", skipped)
+    self.block_var(y, "indexed", [a for a in range(_ndim(y)) if a not in numbers.offset_dims])
+    self.block_var(indices, "indexed")
+
+  def _call(self, eqn, sub) -> None:
+    """A nested jaxpr (jit, custom_jvp/vjp, remat): walked in place."""
+    inner = getattr(sub, "jaxpr", sub)
+    if len(inner.invars) != len(eqn.invars) or len(inner.outvars) != len(eqn.outvars):
+      reason = f"`{eqn.primitive.name}` is not analysed"
+      for var in list(eqn.invars) + list(eqn.outvars):
+        self.block_var(var, reason)
+      return
+    for outer, var in zip(eqn.invars, inner.invars):
+      self.weight[var] = self.is_weight(outer)
+      if not _literal(outer):
+        self._same(outer, var)
+    for var in inner.constvars:
+      self.weight[var] = True
+    self.run(inner)
+    for var, outer in zip(inner.outvars, eqn.outvars):
+      self.weight[outer] = self.is_weight(var)
+      if not _literal(var):
+        self._same(var, outer)
+
+  # -- the result --
+  def groups(self, invars, named) -> ChannelGroups:
+    found: dict[int, dict] = {}
+    for var, (kind, path) in zip(invars, named):
+      if kind == INPUT:
+        continue
+      for a in range(_ndim(var)):
+        root = self.find(self.node(var, a))
+        entry = found.setdefault(root, {PARAMS: [], STATE: [], "ndim": {}})
+        entry[kind].append((path, a))
+        entry["ndim"][path, a] = _ndim(var)
+    reasons: dict[int, str] = {}
+    for i, reason in self.reasons.items():
+      reasons.setdefault(self.find(i), reason)
+    groups = []
+    for root, entry in found.items():
+      members = sorted(entry[PARAMS])
+      if not members:
+        continue
+      ndim = lambda m, e=entry: e["ndim"][m]
+      # Named after a layer's outputs: a kernel's last axis, else any kernel.
+      path, axis = min(members, key=lambda m: (
+          not (ndim(m) >= 2 and m[1] == ndim(m) - 1), "kernel" not in m[0], m))
+      groups.append(ChannelGroup(
+          self.size[root], tuple(members), tuple(sorted(entry[STATE])),
+          reasons.get(root, ""), f"{path}[axis {axis}]"))
+    return ChannelGroups(tuple(sorted(groups, key=lambda g: (not g.prunable, g.members))))
+
+
+def _literal(var) -> bool:
+  return isinstance(var, jcore.Literal)
+
+
+def _literal_zero(var) -> bool:
+  return _literal(var) and bool(np.all(np.asarray(var.val) == 0))
+
+
+def _ndim(var) -> int:
+  return len(getattr(var.aval, "shape", ()))
+
+
+class Shrunk(NamedTuple):
+  """What :func:`shrink` returns."""
+
+  params: Any  # The params with pruned channels removed.
+  state: Any  # The state likewise (None if none was given).
+  sizes: dict[str, int]  # Group name -> channels kept: the new layer sizes.
+
+
+def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
+  """Removes the pruned channels of coupled groups: a smaller dense model.
+
+  A channel of a group is removed when every parameter member's slice at it
+  is exactly zero (as :func:`magnitude_pruning` with
+  :func:`coupled_channels` leaves it, or any other way of zeroing it), and
+  then from every member, state (running statistics) included. By the
+  analysis behind :func:`channel_groups`, a model built with the new sizes
+  and given the shrunk params computes the masked model's outputs (to float
+  rounding: sums run over fewer terms, the removed ones exactly 0).
+
+  Args:
+    groups: a :class:`ChannelGroups` (its prunable groups are shrunk) or a
+      sequence of :class:`ChannelGroup`; a group that is not prunable is an
+      error.
+    params: the trained params, of the structure the groups were found for.
+    state: the state given to :func:`channel_groups`, if any.
+
+  Returns:
+    A :class:`Shrunk`: ``params`` and ``state`` with smaller leaves (same
+    structure), and ``sizes``, each group's kept channel count by name.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax_prune
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((3, 5))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> groups = optax_prune.channel_groups(
+    ...     lambda p, x: model.apply({"params": p}, x), params, x)
+    >>> params["layers_0"]["kernel"] = params["layers_0"]["kernel"].at[:, :2].set(0)
+    >>> params["layers_0"]["bias"] = params["layers_0"]["bias"].at[:2].set(0)
+    >>> params["layers_2"]["kernel"] = params["layers_2"]["kernel"].at[:2].set(0)
+    >>> small = optax_prune.shrink(groups, params)
+    >>> small.params["layers_0"]["kernel"].shape, small.sizes
+    ((5, 2), {"['layers_0']['kernel'][axis 1]": 2})
+  """
+  chosen = checked_groups(groups, "groups")
+  trees = {PARAMS: params, STATE: state}
+  leaves = {kind: _by_path(tree) for kind, tree in trees.items() if tree is not None}
+  cuts: dict = {}  # (kind, path) -> [(axis, kept indices)].
+  sizes = {}
+  for group in chosen:
+    kept = np.zeros(group.size, bool)
+    for path, axis in group.members:
+      x = np.asarray(_member(leaves[PARAMS], path, axis, group, "params"))
+      others = tuple(a for a in range(x.ndim) if a != axis)
+      kept |= np.any(x != 0, axis=others)
+    index = np.flatnonzero(kept)
+    sizes[group.name] = int(index.size)
+    for kind, members in ((PARAMS, group.members), (STATE, group.state_members)):
+      if members and kind not in leaves:
+        raise ValueError(
+            f"group {group.name} has members in the state ({members[0][0]}, ...):"
+            " pass the `state` that `channel_groups` was given.")
+      for path, axis in members:
+        _member(leaves[kind], path, axis, group, kind)
+        cuts.setdefault((kind, path), []).append((axis, index))
+
+  def cut(kind, tree):
+    if tree is None:
+      return None
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for path, x in path_leaves:
+      for axis, index in cuts.get((kind, jax.tree_util.keystr(_paths.normalized(path))), ()):
+        x = jnp.take(x, index, axis=axis)
+      out.append(x)
+    return treedef.unflatten(out)
+
+  return Shrunk(cut(PARAMS, params), cut(STATE, state), sizes)
+
+
+def checked_groups(groups: Any, name: str) -> tuple[ChannelGroup, ...]:
+  """The groups to prune or shrink; refuses any that is not prunable."""
+  if isinstance(groups, ChannelGroups):
+    return groups.prunable
+  if isinstance(groups, ChannelGroup):
+    groups = (groups,)
+  groups = tuple(groups)
+  if not groups or not all(isinstance(g, ChannelGroup) for g in groups):
+    raise ValueError(
+        f"`{name}` must be a ChannelGroups (from `channel_groups`) or a nonempty"
+        f" sequence of its ChannelGroup items; got {groups!r}.")
+  for g in groups:
+    if not g.prunable:
+      raise ValueError(
+          f"`{name}` holds group {g.name}, which cannot be removed safely: it is"
+          f" {g.reason}. Pass `channel_groups(...).prunable` or a subset of it.")
+  return groups
+
+
+def _by_path(tree: Any) -> dict:
+  return {jax.tree_util.keystr(_paths.normalized(path)): x
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _member(leaves: dict, path: str, axis: int, group: ChannelGroup, kind: str):
+  x = leaves.get(path)
+  if x is None or not 0 <= axis < jnp.ndim(x) or jnp.shape(x)[axis] != group.size:
+    raise ValueError(
+        f"`{kind}` do not match group {group.name}: its member {path} (axis {axis},"
+        f" {group.size} channels) is {'missing' if x is None else jnp.shape(x)}."
+        " Find the groups with `channel_groups` on these params.")
+  return x

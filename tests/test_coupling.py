@@ -1,0 +1,352 @@
+"""Coupled channel groups, coupled pruning and shrinking.
+
+The groups of each model are checked against hand-written member lists; a
+model pruned with `coupled_channels` and shrunk computes the masked model's
+outputs (linen CNN with BatchNorm and a residual add, an MLP, a transformer's
+heads and MLP, an nnx model); unsafe axes are refused with their reason; the
+counts are exact against a NumPy reference (hypothesis, ties included).
+"""
+
+import functools
+
+import flax.linen as nn
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_prune
+
+
+def _groups_by_name(groups):
+  return {g.name: g for g in groups.groups}
+
+
+def _prune(params, groups, sparsity, **kwargs):
+  """Params after one pruning step at ``sparsity`` (zero updates) and the state."""
+  tx = optax_prune.magnitude_pruning(
+      sparsity, granularity=optax_prune.coupled_channels(groups), **kwargs)
+
+  @jax.jit
+  def step(params):
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    return optax.apply_updates(params, updates), state
+
+  return step(params)
+
+
+@jax.jit
+def _perturbed(variables, seed=3):
+  """Variables moved off their init (biases, BatchNorm scales and statistics
+  nonzero), so every member matters."""
+  leaves, treedef = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([
+      x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+# ------------------------------------------------------------------ models --
+
+
+class ResCNN(nn.Module):
+  """Conv-BN-ReLU, a residual block of two Conv-BN, pooling, a Dense MLP."""
+
+  widths: tuple = (8, 6, 5)
+
+  @nn.compact
+  def __call__(self, x):
+    bn = lambda: nn.BatchNorm(use_running_average=True)
+    x = nn.relu(bn()(nn.Conv(self.widths[0], (3, 3), name="stem")(x)))
+    y = nn.relu(bn()(nn.Conv(self.widths[1], (3, 3), name="inner")(x)))
+    y = bn()(nn.Conv(self.widths[0], (3, 3), name="outer")(y))
+    x = nn.relu(x + y)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.relu(nn.Dense(self.widths[2], name="hidden")(x))
+    return nn.Dense(3, name="head")(x)
+
+
+class TinyTransformer(nn.Module):
+  """Embedding, one pre-norm block (self-attention, GELU MLP), read-out."""
+
+  heads: int = 4
+  head_dim: int = 4
+  mlp: int = 24
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(11, 16)(tokens)
+    causal = nn.make_causal_mask(tokens)
+    x = x + nn.SelfAttention(self.heads, qkv_features=self.heads * self.head_dim,
+                             name="attn")(nn.LayerNorm()(x), mask=causal)
+    h = nn.gelu(nn.Dense(self.mlp, name="up")(nn.LayerNorm()(x)))
+    x = x + nn.Dense(16, name="down")(h)
+    return nn.Dense(11, name="head")(nn.LayerNorm()(x))
+
+
+@functools.cache
+def _res_cnn():
+  model, x = ResCNN(), jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+  variables = _perturbed(jax.jit(model.init)(jax.random.key(0), x))
+  variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
+  fn = lambda p, s, x: model.apply({"params": p, **s}, x)
+  state = {"batch_stats": variables["batch_stats"]}
+  return fn, variables["params"], state, x
+
+
+# ------------------------------------------------------------------ groups --
+
+
+def test_cnn_groups_couple_batchnorm_and_both_sides_of_the_residual_add():
+  fn, params, state, x = _res_cnn()
+  groups = _groups_by_name(optax_prune.channel_groups(fn, params, x, state=state))
+  stem = groups["['outer']['kernel'][axis 3]"]
+  assert stem.prunable and stem.size == 8
+  assert set(stem.members) == {
+      ("['BatchNorm_0']['bias']", 0), ("['BatchNorm_0']['scale']", 0),
+      ("['BatchNorm_2']['bias']", 0), ("['BatchNorm_2']['scale']", 0),
+      ("['stem']['bias']", 0), ("['stem']['kernel']", 3),
+      ("['outer']['bias']", 0), ("['outer']['kernel']", 3),
+      ("['inner']['kernel']", 2), ("['hidden']['kernel']", 0)}
+  assert set(stem.state_members) == {
+      (f"['batch_stats']['BatchNorm_{i}']['{s}']", 0) for i in (0, 2) for s in ("mean", "var")}
+  inner = groups["['inner']['kernel'][axis 3]"]
+  assert inner.prunable and set(inner.members) == {
+      ("['BatchNorm_1']['bias']", 0), ("['BatchNorm_1']['scale']", 0),
+      ("['inner']['bias']", 0), ("['inner']['kernel']", 3), ("['outer']['kernel']", 2)}
+  hidden = groups["['hidden']['kernel'][axis 1]"]
+  assert hidden.prunable and set(hidden.members) == {
+      ("['head']['kernel']", 0), ("['hidden']['bias']", 0), ("['hidden']['kernel']", 1)}
+  assert groups["['stem']['kernel'][axis 2]"].reason == "an input of the model"
+  assert groups["['head']['kernel'][axis 1]"].reason == "an output of the model"
+  assert groups["['stem']['kernel'][axis 0]"].reason == "a convolution window"
+  assert len(optax_prune.channel_groups(fn, params, x, state=state).prunable) == 3
+
+
+def test_transformer_groups_heads_and_refuses_the_residual_stream():
+  model, tokens = TinyTransformer(), jnp.zeros((2, 5), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+  groups = optax_prune.channel_groups(
+      lambda p, t: model.apply({"params": p}, t), params, tokens)
+  by_name = _groups_by_name(groups)
+  heads = by_name["['attn']['key']['kernel'][axis 1]"]
+  assert heads.prunable and heads.size == 4
+  assert set(heads.members) == {
+      (f"['attn']['{k}']['{w}']", 1 if w == "kernel" else 0)
+      for k in ("query", "key", "value") for w in ("kernel", "bias")} | {
+          ("['attn']['out']['kernel']", 0)}
+  mlp = by_name["['up']['kernel'][axis 1]"]
+  assert mlp.prunable and mlp.size == 24
+  depth_qk = by_name["['attn']['key']['kernel'][axis 2]"]
+  assert depth_qk.reason.startswith("contracted between two activations")
+  (stream,) = [g for g in groups.groups if ("['Embed_0']['embedding']", 1) in g.members]
+  assert stream.reason.startswith("reduced over")  # LayerNorm's statistics.
+  assert by_name["['attn']['value']['kernel'][axis 2]"].prunable  # Value/output depth.
+  assert "prunable" in str(groups) and "reduced over" in str(groups)
+
+
+def _refusal(fn, *shapes):
+  params = {"w": jnp.ones(shapes[0]), "v": jnp.ones(shapes[1])}
+  groups = optax_prune.channel_groups(fn, params, jnp.ones((3, shapes[0][0])))
+  return {g.name: g.reason for g in groups.groups}
+
+
+@pytest.mark.parametrize("body,reason", [
+    # A flatten before the next layer interleaves channels with positions.
+    (lambda p, x: jnp.einsum("bij,ij->b", (x @ p["w"]).reshape(3, 2, 2), p["v"]),
+     "merged with or split from another axis by a reshape"),
+    (lambda p, x: jnp.concatenate([x @ p["w"], x @ p["w"]], -1) @ p["v"], "concatenated"),
+    (lambda p, x: jax.nn.standardize(x @ p["w"], axis=-1) @ p["v"][:4],
+     "reduced over (a mean or norm changes with its size)"),
+    (lambda p, x: jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h), x @ p["w"]) @ p["v"][:4],
+     "`scan` is not analysed"),
+    (lambda p, x: (x @ p["w"]) @ (p["v"][:4] + 1.0),
+     "contracted with a weight that is not zero at pruned channels"),
+    (lambda p, x: (x @ p["w"])[:, :2] @ p["v"][:2], "sliced"),
+])
+def test_unsafe_axes_are_refused_with_their_reason(body, reason):
+  shapes = ((5, 4), (8, 2)) if "concatenated" in reason else (
+      ((5, 4), (2, 2)) if "reshape" in reason else ((5, 4), (4, 2)))
+  reasons = _refusal(body, *shapes)
+  assert reasons["['w'][axis 1]"] == reason
+
+
+# ------------------------------------------------------ prune, then shrink --
+
+
+def test_cnn_shrunk_computes_the_masked_outputs():
+  fn, params, state, x = _res_cnn()
+  groups = optax_prune.channel_groups(fn, params, x, state=state)
+  pruned, _ = _prune(params, groups, 0.5)
+  small = optax_prune.shrink(groups, pruned, state)
+  widths = (small.params["stem"]["kernel"].shape[-1],
+            small.params["inner"]["kernel"].shape[-1],
+            small.params["hidden"]["kernel"].shape[-1])
+  assert widths == (4, 3, 3)  # round-half-even: 5 channels at 0.5 lose 2.
+  assert sorted(small.sizes.values()) == [3, 3, 4]
+  assert small.state["batch_stats"]["BatchNorm_2"]["var"].shape == (4,)
+  out = ResCNN(widths).apply({"params": small.params, **small.state}, x)
+  np.testing.assert_allclose(out, fn(pruned, state, x), rtol=1e-5, atol=1e-6)
+  dense = sum(a.size for a in jax.tree.leaves(params))
+  assert sum(a.size for a in jax.tree.leaves(small.params)) < 0.5 * dense
+
+
+def test_transformer_heads_and_mlp_shrink_to_equal_outputs():
+  model, tokens = TinyTransformer(), jax.random.randint(jax.random.key(2), (2, 5), 0, 11)
+  params = _perturbed(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
+  fn = lambda p, t: model.apply({"params": p}, t)
+  groups = optax_prune.channel_groups(fn, params, tokens)
+  # flax's attention takes one qkv_features: prune heads, not the value depth.
+  chosen = [g for g in groups.prunable if g.name != "['attn']['value']['kernel'][axis 2]"]
+  pruned, _ = _prune(params, chosen, 0.5)
+  small = optax_prune.shrink(chosen, pruned)
+  heads, mlp = small.params["attn"]["query"]["kernel"].shape[1], small.params["up"]["kernel"].shape[1]
+  assert (heads, mlp) == (2, 12)
+  out = TinyTransformer(heads=heads, mlp=mlp).apply({"params": small.params}, tokens)
+  np.testing.assert_allclose(out, fn(pruned, tokens), rtol=1e-5, atol=1e-5)
+
+
+class NnxMLP(nnx.Module):
+
+  def __init__(self, widths, rngs):
+    self.up = nnx.Linear(6, widths[0], rngs=rngs)
+    self.norm = nnx.BatchNorm(widths[0], rngs=rngs)
+    self.mid = nnx.Linear(widths[0], widths[1], rngs=rngs)
+    self.out = nnx.Linear(widths[1], 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.norm(self.up(x)))
+    return self.out(nnx.gelu(self.mid(x)))
+
+
+def test_nnx_model_trains_with_coupled_pruning_and_shrinks():
+  model = NnxMLP((8, 10), nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (4, 6))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rest = _perturbed(rest)
+  rest = jax.tree.map(jnp.abs, rest)
+  nnx.update(model, rest)
+  fn = lambda p, s, x: nnx.merge(graphdef, p, s)(x)
+  groups = optax_prune.channel_groups(fn, params, x, state=rest)
+  assert sorted(g.size for g in groups.prunable) == [8, 10]
+  tx = optax.chain(optax.adam(1e-2), optax_prune.magnitude_pruning(
+      0.25, granularity=optax_prune.coupled_channels(groups)))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  for _ in range(3):
+    step(model, optimizer, x)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  small = optax_prune.shrink(groups, params, rest)
+  assert small.sizes == {"['up']['kernel'][axis 1]": 6, "['mid']['kernel'][axis 1]": 8}
+  smaller = NnxMLP((6, 8), nnx.Rngs(0))
+  smaller.eval()
+  nnx.update(smaller, small.params, small.state)
+  np.testing.assert_allclose(smaller(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ exact counts --
+
+
+def _reference_keep(kernels, sparsity):
+  """NumPy: channel score = sum of the members' L2 norms (float32), the
+  round(s * C) smallest pruned (half to even), ties by position."""
+  (w1, a1), (w2, a2) = kernels
+  norm = lambda w, axis: np.sqrt(np.sum(w * w, axis=1 - axis, dtype=np.float32))
+  score = norm(w1, a1) + norm(w2, a2)
+  count = int(np.round(np.float32(sparsity) * score.size))
+  keep = np.ones(score.size, bool)
+  keep[np.argsort(score, kind="stable")[:count]] = False
+  return keep, count, score
+
+
+@hypothesis.settings(max_examples=15)
+@hypothesis.given(
+    width=st.integers(1, 9), sparsity=st.floats(0.0, 1.0),
+    values=st.sampled_from(["zeros", "grid", "normal"]), seed=st.integers(0, 2**16))
+def test_each_group_loses_exactly_round_s_c_smallest_channels(width, sparsity, values, seed):
+  rng = np.random.default_rng(seed)
+  w1 = rng.normal(size=(3, width)).astype(np.float32)
+  w2 = rng.normal(size=(width, 2)).astype(np.float32)
+  if values != "normal":  # Ties: all channels equal, or on a grid of 0.5.
+    w1, w2 = (np.round(w * 2) / 2 * (values == "grid") for w in (w1, w2))
+  params = {"a": {"kernel": jnp.asarray(w1)}, "b": {"kernel": jnp.asarray(w2)}}
+  fn = lambda p, x: jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+  groups = optax_prune.channel_groups(fn, params, jnp.ones((2, 3)))
+  _, state = _prune(params, groups, sparsity)
+  keep = np.asarray(state.masks["a"]["kernel"]).any(axis=0)
+  np.testing.assert_array_equal(np.asarray(state.masks["b"]["kernel"]).any(axis=1), keep)
+  expected, count, score = _reference_keep(((w1, 1), (w2, 0)), sparsity)
+  assert int((~keep).sum()) == count
+  # Grid values sum exactly in float32; random ones may differ by an ulp in
+  # another summation order, so near-ties are compared by count only.
+  gaps = np.diff(np.sort(score))
+  if values != "normal" or not gaps.size or gaps.min() > 1e-5:
+    np.testing.assert_array_equal(keep, expected)
+
+
+def test_masks_only_grow_and_pruned_channels_stay_zero():
+  fn, params, state, x = _res_cnn()
+  groups = optax_prune.channel_groups(fn, params, x, state=state)
+  schedule = optax_prune.polynomial_schedule(0.75, begin_step=0, end_step=4, frequency=1)
+  tx = optax.chain(optax.adam(0.1), optax_prune.magnitude_pruning(
+      schedule, granularity=optax_prune.coupled_channels(groups)))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    grads = jax.grad(lambda p: jnp.sum(fn(p, state, x) ** 2))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  previous = None
+  for _ in range(5):
+    params, opt_state = step(params, opt_state)
+    masks = optax_prune.find_pruning_state(opt_state).masks
+    keep = np.asarray(masks["stem"]["bias"])
+    if previous is not None:
+      assert not np.any(keep & ~previous)
+    previous = keep
+    for path in ("stem", "outer"):
+      pruned = ~np.asarray(masks[path]["bias"])
+      assert np.all(np.asarray(params[path]["bias"])[pruned] == 0)
+  assert int((~previous).sum()) == 6  # round(0.75 * 8).
+
+
+# ------------------------------------------------------------- bad inputs --
+
+
+def test_bad_arguments_name_themselves():
+  fn, params, state, x = _res_cnn()
+  groups = optax_prune.channel_groups(fn, params, x, state=state)
+  unsafe = [g for g in groups.groups if not g.prunable]
+  with pytest.raises(ValueError, match="cannot be removed safely: it is an input"):
+    optax_prune.coupled_channels(
+        [g for g in unsafe if g.reason == "an input of the model"])
+  with pytest.raises(ValueError, match="`groups` must be a ChannelGroups"):
+    optax_prune.coupled_channels([])
+  with pytest.raises(ValueError, match="`norm`"):
+    optax_prune.coupled_channels(groups, norm="l3")
+  coupled = optax_prune.coupled_channels(groups)
+  for kwargs, name in (({"where": lambda p, x: True}, "where"),
+                       ({"scope": "global"}, "scope"),
+                       ({"distribution": "erk"}, "distribution")):
+    with pytest.raises(ValueError, match=f"`{name}="):
+      optax_prune.magnitude_pruning(0.5, granularity=coupled, **kwargs)
+  with pytest.raises(ValueError, match="one schedule"):
+    optax_prune.magnitude_pruning({"stem": 0.5}, granularity=coupled)
+  tx = optax_prune.magnitude_pruning(0.5, granularity=coupled)
+  with pytest.raises(ValueError, match=r"member \['stem'\]\['bias'\].*missing"):
+    tx.init({k: v for k, v in params.items() if k != "stem"})
+  with pytest.raises(ValueError, match="pass the `state`"):
+    optax_prune.shrink(groups, params)
+  with pytest.raises(ValueError, match="do not match group"):
+    optax_prune.shrink(groups, jax.tree.map(lambda a: a[..., :1], params), state)
