@@ -92,13 +92,15 @@ class CNN1D(nn.Module):
   """
 
   channels: int = 64
+  widths: Optional[tuple[int, int, int]] = None  # Per layer (`benchmarks.shrink`).
 
   @nn.compact
   def __call__(self, x):
+    widths = self.widths or (self.channels,) * 3
     x = x[..., None]  # (batch, 40) -> (batch, 40, 1): one input channel.
-    x = nn.relu(nn.Conv(self.channels, (5,), strides=2, padding=1)(x))
-    x = nn.relu(nn.Conv(self.channels, (3,), strides=2, padding=1)(x))
-    x = nn.relu(nn.Conv(self.channels, (3,), strides=2, padding=1)(x))
+    x = nn.relu(nn.Conv(widths[0], (5,), strides=2, padding=1)(x))
+    x = nn.relu(nn.Conv(widths[1], (3,), strides=2, padding=1)(x))
+    x = nn.relu(nn.Conv(widths[2], (3,), strides=2, padding=1)(x))
     x = x.reshape((x.shape[0], -1))
     return nn.Dense(10)(x)
 
@@ -108,11 +110,12 @@ class Block(nn.Module):
 
   heads: int
   mlp: int
+  qkv: Optional[int] = None  # Query/key/value width; default: the model's.
 
   @nn.compact
   def __call__(self, x):
     causal = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.bool_))
-    x = x + nn.SelfAttention(self.heads)(nn.LayerNorm()(x), mask=causal)
+    x = x + nn.SelfAttention(self.heads, qkv_features=self.qkv)(nn.LayerNorm()(x), mask=causal)
     h = nn.gelu(nn.Dense(self.mlp)(nn.LayerNorm()(x)))
     return x + nn.Dense(x.shape[-1])(h)
 
@@ -125,6 +128,9 @@ class CharTransformer(nn.Module):
   width: int = 48
   depth: int = 2
   heads: int = 4
+  # Shrunk models (`benchmarks.shrink`): MLP and query/key/value widths.
+  mlp: Optional[int] = None
+  qkv: Optional[int] = None
 
   @nn.compact
   def __call__(self, tokens):
@@ -133,7 +139,7 @@ class CharTransformer(nn.Module):
     )
     x = nn.Embed(self.vocab, self.width)(tokens) + position[: tokens.shape[1]]
     for _ in range(self.depth):
-      x = Block(self.heads, 4 * self.width)(x)
+      x = Block(self.heads, self.mlp or 4 * self.width, self.qkv)(x)
     return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
@@ -231,15 +237,20 @@ def _classification_task(name, model, data, *, learning_rate, batch_size,
   )
 
 
+def validation_windows(context: int) -> np.ndarray:
+  """Fixed, evenly spaced validation windows of ``context + 1`` characters:
+  every run is scored on the same 25k characters."""
+  validation = load_chars()[1]
+  starts = np.linspace(0, len(validation) - context - 2, 512).astype(np.int64)
+  return validation[starts[:, None] + np.arange(context + 1)]
+
+
 def _chars_task() -> Task:
   model = CharTransformer()
-  train, validation = load_chars()
+  train = load_chars()[0]
   # Batches of 16: on XLA:CPU a step of 32 took 3x as long as one of 16.
   context, batch_size, steps = model.context, 16, 50
-  # Fixed, evenly spaced validation windows: every run is scored on the same
-  # 25k characters.
-  starts = np.linspace(0, len(validation) - context - 2, 512).astype(np.int64)
-  windows = validation[starts[:, None] + np.arange(context + 1)]
+  windows = validation_windows(context)
 
   def epoch_batches(rng):
     # An "epoch" is `steps` batches of random windows: the corpus (4 MB) is

@@ -40,13 +40,15 @@ _TRACES = [0]
 class CNN(nn.Module):
   """Two 3x3 convolutions, a 2x2 average pool and two dense layers."""
 
+  widths: tuple[int, int, int] = (32, 64, 128)  # Smaller ones: `benchmarks.shrink`.
+
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Conv(32, (3, 3))(x))
-    x = nn.relu(nn.Conv(64, (3, 3))(x))
+    x = nn.relu(nn.Conv(self.widths[0], (3, 3))(x))
+    x = nn.relu(nn.Conv(self.widths[1], (3, 3))(x))
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(128)(x))
+    x = nn.relu(nn.Dense(self.widths[2])(x))
     return nn.Dense(10)(x)
 
 

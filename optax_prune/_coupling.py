@@ -176,23 +176,40 @@ def channel_groups(fn: Callable, params: Any, *inputs: Any, state: Any = None) -
     return fn(*rebuilt, *input_def.unflatten(leaves[n_tree:]))
 
   spec = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
-  closed = jax.make_jaxpr(flat_fn)(*spec)
-  graph = _Graph()
-  jaxpr = closed.jaxpr
-  for var, (kind, _) in zip(jaxpr.invars, named):
+  jaxpr = jax.make_jaxpr(flat_fn)(*spec).jaxpr
+  graph, env = _Graph(), {}
+  invars = [_value(env, var) for var in jaxpr.invars]
+  for var, (kind, _) in zip(invars, named):
     graph.weight[var] = kind != INPUT
     for a in range(_ndim(var)):
       graph.zero[(var, a)] = kind == PARAMS
       if kind == INPUT:
         graph.block(graph.node(var, a), "an input of the model")
-  for var in jaxpr.constvars:
-    graph.weight[var] = True
-  graph.run(jaxpr)
+  graph.run(jaxpr, env)
   for var in jaxpr.outvars:
-    if not isinstance(var, jcore.Literal):
-      for a in range(_ndim(var)):
-        graph.block(graph.node(var, a), "an output of the model")
-  return graph.groups(jaxpr.invars, named)
+    graph.block_var(_value(env, var), "an output of the model")
+  return graph.groups(invars, named)
+
+
+class _Value:
+  """One value at one call site: a nested jaxpr (``relu``'s) is one object
+  shared by all its calls, so its variables are renamed per call."""
+
+  __slots__ = ("aval",)
+
+  def __init__(self, aval):
+    self.aval = aval
+
+
+class _Eqn(NamedTuple):
+  primitive: Any
+  params: dict
+  invars: list
+  outvars: list
+
+
+def _value(env: dict, var):
+  return var if _literal(var) else env.setdefault(var, _Value(var.aval))
 
 
 class _Graph:
@@ -252,8 +269,13 @@ class _Graph:
     return _literal(var) or self.weight.get(var, False)
 
   # -- the walk --
-  def run(self, jaxpr) -> None:
+  def run(self, jaxpr, env: dict) -> None:
+    """Walks ``jaxpr`` with its variables renamed by ``env`` (var -> _Value)."""
+    for var in jaxpr.constvars:
+      self.weight[_value(env, var)] = True
     for eqn in jaxpr.eqns:
+      eqn = _Eqn(eqn.primitive, eqn.params, [_value(env, v) for v in eqn.invars],
+                 [_value(env, v) for v in eqn.outvars])
       for var in eqn.outvars:
         self.weight[var] = all(self.is_weight(v) for v in eqn.invars)
       name = eqn.primitive.name
@@ -480,14 +502,15 @@ class _Graph:
       for var in list(eqn.invars) + list(eqn.outvars):
         self.block_var(var, reason)
       return
+    env = {}
     for outer, var in zip(eqn.invars, inner.invars):
+      var = _value(env, var)
       self.weight[var] = self.is_weight(outer)
       if not _literal(outer):
         self._same(outer, var)
-    for var in inner.constvars:
-      self.weight[var] = True
-    self.run(inner)
+    self.run(inner, env)
     for var, outer in zip(inner.outvars, eqn.outvars):
+      var = _value(env, var)
       self.weight[outer] = self.is_weight(var)
       if not _literal(var):
         self._same(var, outer)

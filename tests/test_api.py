@@ -52,3 +52,12 @@ def test_readme_sparse_training_example_runs(capsys):
   assert names == ["rigl", "set", "static", "ste"]
   for line in filter(None, lines):
     assert line.split()[-1] == str(round(0.9 * 64 * 64))
+
+
+def test_readme_shrink_example_runs(capsys):
+  (block,) = [b for b in _readme_blocks() if "optax_prune.shrink(" in b]
+  scope = {}
+  exec(compile(block, "README shrink example", "exec"), scope)
+  assert scope["widths"] == (32, 32)
+  out = capsys.readouterr().out
+  assert out.count("prunable") == 2 and "an input of the model" in out

@@ -148,6 +148,15 @@ def test_transformer_groups_heads_and_refuses_the_residual_stream():
   assert "prunable" in str(groups) and "reduced over" in str(groups)
 
 
+def test_layers_that_share_a_jitted_activation_stay_apart():
+  # jax.nn.gelu is one jitted jaxpr for both calls: its variables are per call.
+  params = {"a": jnp.ones((3, 8)), "b": jnp.ones((8, 8)), "c": jnp.ones((8, 2))}
+  fn = lambda p, x: jax.nn.gelu(jax.nn.gelu(x @ p["a"]) @ p["b"]) @ p["c"]
+  groups = optax_prune.channel_groups(fn, params, jnp.ones((4, 3)))
+  assert [g.members for g in groups.prunable] == [
+      (("['a']", 1), ("['b']", 0)), (("['b']", 1), ("['c']", 0))]
+
+
 def _refusal(fn, *shapes):
   params = {"w": jnp.ones(shapes[0]), "v": jnp.ones(shapes[1])}
   groups = optax_prune.channel_groups(fn, params, jnp.ones((3, shapes[0][0])))
@@ -350,3 +359,67 @@ def test_bad_arguments_name_themselves():
     optax_prune.shrink(groups, params)
   with pytest.raises(ValueError, match="do not match group"):
     optax_prune.shrink(groups, jax.tree.map(lambda a: a[..., :1], params), state)
+
+
+# -------------------------------------------------------------- contract --
+
+_SCHEDULE = optax_prune.polynomial_schedule(0.75, begin_step=0, end_step=8, frequency=4)
+
+
+def _contract_params(dtype):
+  rng = np.random.default_rng(0)
+  shapes = {"conv": {"kernel": (3, 3, 4, 8), "bias": (8,)},
+            "dense": {"kernel": (8, 16), "bias": (16,)},
+            "out": {"kernel": (16, 8), "bias": (8,)}}
+  return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s), dtype), shapes,
+                      is_leaf=lambda s: isinstance(s, tuple))
+
+
+def _contract_fn(p, x):
+  x = jax.lax.conv_general_dilated(
+      x, p["conv"]["kernel"].astype(x.dtype), (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["conv"]["bias"]
+  x = jnp.mean(jax.nn.relu(x), axis=(1, 2))
+  x = jax.nn.relu(x @ p["dense"]["kernel"] + p["dense"]["bias"])
+  return x @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("dtype,packed,optimizer,static", [
+    ("bfloat16", True, optax.adamw(0.05, weight_decay=0.1), True),
+    ("float32", False, optax.sgd(0.05, momentum=0.9), False)])
+def test_coupled_pruning_keeps_the_contract(dtype, packed, optimizer, static):
+  """Exact channel counts per group at every update, pruned members exactly 0
+  after every step (no revival by momentum, Adam or weight decay), masks nested
+  and unchanged between updates, one compile per kind of step."""
+  from tests import helpers, reference  # pylint: disable=g-import-not-at-top
+
+  params = _contract_params(dtype)
+  groups = optax_prune.channel_groups(_contract_fn, params, jnp.ones((2, 5, 5, 4), dtype))
+  assert [(g.size, len(g.members)) for g in groups.prunable] == [(8, 3), (16, 3)]
+  tx = optax.chain(optimizer, optax_prune.magnitude_pruning(
+      _SCHEDULE, granularity=optax_prune.coupled_channels(groups), packed_masks=packed))
+  due = set(optax_prune.mask_update_steps(_SCHEDULE, 10).tolist()) if static else None
+  previous = None
+  for t, _, state, after in helpers.train(tx, params, 10, due_steps=due):
+    stored = optax_prune.find_pruning_state(state).masks
+    assert stored["conv"]["kernel"].dtype == (np.uint8 if packed else bool)
+    masks = {(k, n): np.asarray(m)
+             for k, d in optax_prune.unpack_masks(stored, after).items()
+             for n, m in d.items() if not isinstance(m, optax.MaskedNode)}
+    assert len(masks) == 5  # All but the output bias.
+    masks_of = lambda k, n: masks[k, n]
+    kept = {  # Channels kept by any member, per group.
+        8: masks_of("conv", "bias") | masks_of("dense", "kernel").any(1),
+        16: masks_of("dense", "bias") | masks_of("out", "kernel").any(1)}
+    np.testing.assert_array_equal(kept[8], masks_of("conv", "kernel").any((0, 1, 2)))
+    target = _SCHEDULE(t)
+    if bool(target.update):
+      for size, keep in kept.items():
+        assert int((~keep).sum()) == reference.prune_count(float(target.sparsity), size)
+    for key, m in masks.items():
+      if previous is not None:
+        assert not (m & ~previous[key]).any(), f"step {t}: {key} revived"
+        if not bool(target.update):
+          np.testing.assert_array_equal(m, previous[key])
+      np.testing.assert_array_equal(np.asarray(after[key[0]][key[1]], np.float32)[~m], 0)
+    previous = masks
