@@ -19,13 +19,16 @@ refused (``reason`` says why, its axes are left alone) when one of its axes
 * is reduced over (a mean or a norm: LayerNorm's statistics change with the
   number of channels), concatenated, sliced, indexed, padded, reversed,
   sorted or scanned;
-* is merged with or split from another axis by a reshape (a flatten before
-  a Dense layer: channels interleaved with positions);
+* is split by a reshape (heads cut out of a fused projection), or merged
+  with other axes of which more than one holds channels (a flatten of
+  positions and channels before a Dense layer is followed: that layer's
+  rows of a channel go with it, see ``ChannelGroup.flat_members``);
 * is contracted between two activations (attention logits, scaled by
   ``1 / sqrt(depth)``: a shrunk model would scale them by its new depth), or
   with a factor that is not zero at pruned channels;
 * meets a primitive not analysed here (a loop, a custom call): every axis it
-  touches is refused.
+  touches is refused;
+* has a single channel (removing it would remove the layer).
 
 What the jaxpr cannot show is a constant computed in Python from an axis's
 size (``x / x.shape[-1]`` on a channel axis); such a model must be checked
@@ -35,7 +38,8 @@ by comparing outputs, as ``tests/test_coupling.py`` does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+import math
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +73,8 @@ _ALONG_AXIS = {"cumsum": "axis", "cumprod": "axis", "cummax": "axis",
                "cummin": "axis", "cumlogsumexp": "axis", "split": "axis",
                "sort": "dimension"}
 _SUBJAXPR = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_RESHAPED = "merged with or split from another axis by a reshape"
+_FLATTEN = "flatten"  # Placeholder reason of a flattened axis until it is resolved.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +87,11 @@ class ChannelGroup:
       ``jax.tree_util.keystr`` of the params' leaves (an nnx ``Variable``'s
       ``.value`` dropped).
     state_members: the same for the state (BatchNorm's running statistics).
+    flat_members, flat_state_members: ``(path, axis, outer, inner)`` of
+      members whose axis is a flatten of channels with other axes (a Dense
+      kernel after ``x.reshape(batch, -1)`` of an ``(h, w, c)`` map): seen as
+      ``(outer, size, inner)``, its middle part holds the channel
+      (``outer = h * w``, ``inner = 1`` there).
     reason: why the group cannot be removed safely; ``""`` if it can.
     name: ``"path[axis a]"`` of the member that makes the channels: the
       first leaf (kernels first) whose last axis of two or more is in the
@@ -92,6 +103,17 @@ class ChannelGroup:
   state_members: tuple[tuple[str, int], ...] = ()
   reason: str = ""
   name: str = ""
+  flat_members: tuple[tuple[str, int, int, int], ...] = ()
+  flat_state_members: tuple[tuple[str, int, int, int], ...] = ()
+
+  def views(self, kind: str = "params") -> tuple[tuple[str, int, int, int], ...]:
+    """``(path, axis, outer, inner)`` of every member of ``kind``
+    (``"params"`` or ``"state"``): the axis, seen as ``(outer, size, inner)``,
+    holds the channel in its middle part (``outer = inner = 1`` but for
+    flattened members)."""
+    plain, flat = ((self.members, self.flat_members) if kind == PARAMS
+                   else (self.state_members, self.flat_state_members))
+    return tuple((path, axis, 1, 1) for path, axis in plain) + tuple(flat)
 
   @property
   def prunable(self) -> bool:
@@ -109,7 +131,7 @@ class ChannelGroups:
     return tuple(g for g in self.groups if g.prunable)
 
   def __str__(self) -> str:
-    rows = [(g.name, g.size, len(g.members) + len(g.state_members),
+    rows = [(g.name, g.size, len(g.views("params")) + len(g.views("state")),
              g.reason or "prunable") for g in self.groups]
     return _tables.format_table(("group", "channels", "members", "status"), rows)
 
@@ -123,13 +145,16 @@ def channel_groups(fn: Callable, params: Any, *inputs: Any, state: Any = None) -
   both sides and passes the others on, a transpose or reshape moves them,
   and so on. Each group of joined axes that holds a parameter axis is
   reported, with the reason it cannot be removed if one of its axes is an
-  input or output of the model, is reduced over (LayerNorm), merged by a
-  reshape (a flatten), concatenated or sliced, contracted between two
-  activations (attention logits), or meets an unknown primitive (see the
-  module docstring). Covered: Dense, Conv (grouped only depthwise), Embed,
-  BatchNorm (inference), residual adds, and flax's multi-head attention,
-  whose heads are one group (query, key, value and output projections) and
-  whose value/output head depth is another.
+  input or output of the model, is reduced over (LayerNorm), split by a
+  reshape, concatenated or sliced, contracted between two activations
+  (attention logits), or meets an unknown primitive (see the module
+  docstring). Covered: Dense, Conv (grouped only depthwise), pooling,
+  Embed, BatchNorm (inference), residual adds, a flatten of positions and
+  channels before a Dense layer, and flax's multi-head attention, whose
+  heads are one group (query, key, value and output projections) and whose
+  value/output head depth is another. Not covered (refused): LayerNorm and
+  GroupNorm axes, concatenations, loops (``scan``), heads split from a
+  fused projection by a reshape.
 
   Args:
     fn: the model in inference mode, returning its outputs only:
@@ -222,6 +247,7 @@ class _Graph:
     self.reasons: dict[int, str] = {}  # node -> first reason it was refused.
     self.zero: dict = {}  # (var, axis) -> slices at pruned channels are 0.
     self.weight: dict = {}  # var -> computed from params and state alone.
+    self.merges: list = []  # (merged node, [(node, length) merged into it]).
 
   # -- union-find --
   def node(self, var, axis: int) -> int:
@@ -303,6 +329,8 @@ class _Graph:
         self._along_axis(eqn, eqn.params[_ALONG_AXIS[name]], f"`{name}` runs along it")
       elif name == "concatenate":
         self._along_axis(eqn, eqn.params["dimension"], "concatenated")
+      elif name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min"):
+        self._window(eqn)
       elif name == "pad":
         self._pad(eqn)
       elif name in ("slice", "dynamic_slice"):
@@ -432,9 +460,24 @@ class _Graph:
           p, i = p * ins[i][1], i + 1
         else:
           q, j = q * outs[j][1], j + 1
-      reason = "merged with or split from another axis by a reshape"
-      self.block_var(x, reason, [a for a, _ in ins[i0:i]])
-      self.block_var(y, reason, [a for a, _ in outs[j0:j]])
+      if j == j0 + 1:  # A flatten: resolved once the groups are known.
+        self.block(self.node(y, outs[j0][0]), _FLATTEN)
+        self.merges.append((self.node(y, outs[j0][0]),
+                            [(self.node(x, a), size) for a, size in ins[i0:i]]))
+        continue
+      self.block_var(x, _RESHAPED, [a for a, _ in ins[i0:i]])
+      self.block_var(y, _RESHAPED, [a for a, _ in outs[j0:j]])
+
+  def _window(self, eqn) -> None:
+    (x,), (y,) = eqn.invars, eqn.outvars
+    p = eqn.params
+    for a in range(_ndim(x)):
+      if (p["window_dimensions"][a], p["window_strides"][a], tuple(p["padding"][a]),
+          p["base_dilation"][a], p["window_dilation"][a]) == (1, 1, (0, 0), 1, 1):
+        self._pass(x, a, y, a)
+      else:
+        self.block_var(x, "pooled over", [a])
+        self.block_var(y, "pooled over", [a])
 
   def _reduce(self, eqn) -> None:
     (x,), (y,) = eqn.invars, eqn.outvars
@@ -517,19 +560,20 @@ class _Graph:
 
   # -- the result --
   def groups(self, invars, named) -> ChannelGroups:
-    found: dict[int, dict] = {}
+    found: dict[int, dict] = {}  # root -> members by kind, and their ndim.
     for var, (kind, path) in zip(invars, named):
       if kind == INPUT:
         continue
       for a in range(_ndim(var)):
-        root = self.find(self.node(var, a))
-        entry = found.setdefault(root, {PARAMS: [], STATE: [], "ndim": {}})
+        entry = found.setdefault(self.find(self.node(var, a)),
+                                 {PARAMS: [], STATE: [], "ndim": {}})
         entry[kind].append((path, a))
         entry["ndim"][path, a] = _ndim(var)
-    reasons: dict[int, str] = {}
+    reasons: dict[int, list] = {}
     for i, reason in self.reasons.items():
-      reasons.setdefault(self.find(i), reason)
-    groups = []
+      reasons.setdefault(self.find(i), []).append(reason)
+    flat = self._resolve_flattens(found, reasons)
+    groups, names = [], {}
     for root, entry in found.items():
       members = sorted(entry[PARAMS])
       if not members:
@@ -538,10 +582,55 @@ class _Graph:
       # Named after a layer's outputs: a kernel's last axis, else any kernel.
       path, axis = min(members, key=lambda m: (
           not (ndim(m) >= 2 and m[1] == ndim(m) - 1), "kernel" not in m[0], m))
+      names[root] = f"{path}[axis {axis}]"
+    for root, name in names.items():
+      views = {kind: tuple(sorted((path, axis, outer, inner)
+                                  for merged, outer, inner in flat.get(root, ())
+                                  for path, axis in found.get(merged, {}).get(kind, ())))
+               for kind in (PARAMS, STATE)}
+      own = [r for r in reasons.get(root, ()) if r != _FLATTEN]
+      if _FLATTEN in reasons.get(root, ()):
+        own.append(f"a flatten of channels and positions; shrinks with the group of"
+                   f" {names[self._flattened_into(root, flat)]}"
+                   if self._flattened_into(root, flat) in names else _RESHAPED)
+      if self.size[root] == 1:
+        own.append("a single channel")
       groups.append(ChannelGroup(
-          self.size[root], tuple(members), tuple(sorted(entry[STATE])),
-          reasons.get(root, ""), f"{path}[axis {axis}]"))
+          self.size[root], tuple(sorted(found[root][PARAMS])),
+          tuple(sorted(found[root][STATE])), own[0] if own else "", name,
+          views[PARAMS], views[STATE]))
     return ChannelGroups(tuple(sorted(groups, key=lambda g: (not g.prunable, g.members))))
+
+  def _resolve_flattens(self, found, reasons) -> dict[int, list]:
+    """channel root -> [(flattened root, outer, inner)] of the flattens it can
+    shrink through; ``reasons`` gains the refusals of the others.
+
+    A flatten of ``(..., positions, channels, ...)`` into one axis is a view
+    of one channel group when exactly one of the merged axes belongs to a
+    group with parameters; that group then also owns the flattened axis's
+    members (strided) and inherits its refusals.
+    """
+    flat: dict[int, list] = {}
+    merged_roots = [self.find(m) for m, _ in self.merges]
+    for (merged, parts), root in zip(self.merges, merged_roots):
+      roots = [self.find(node) for node, _ in parts]
+      channel = [k for k, r in enumerate(roots) if found.get(r, {}).get(PARAMS)]
+      if len(channel) == 1 and merged_roots.count(root) == 1 and root not in roots:
+        (k,) = channel
+        lengths = [length for _, length in parts]
+        flat.setdefault(roots[k], []).append(
+            (root, math.prod(lengths[:k]), math.prod(lengths[k + 1:])))
+        others = [r for r in reasons.get(root, ()) if r != _FLATTEN]
+        reasons.setdefault(roots[k], []).extend(others)
+      else:
+        for r in roots + [root]:
+          reasons.setdefault(r, []).append(_RESHAPED)
+    return flat
+
+  @staticmethod
+  def _flattened_into(root: int, flat: dict) -> Optional[int]:
+    return next((channel for channel, views in flat.items()
+                 if any(merged == root for merged, _, _ in views)), None)
 
 
 def _literal(var) -> bool:
@@ -607,20 +696,21 @@ def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
   sizes = {}
   for group in chosen:
     kept = np.zeros(group.size, bool)
-    for path, axis in group.members:
-      x = np.asarray(_member(leaves[PARAMS], path, axis, group, "params"))
-      others = tuple(a for a in range(x.ndim) if a != axis)
-      kept |= np.any(x != 0, axis=others)
+    for view in group.views(PARAMS):
+      x, axis = channel_view(np.asarray(_member(leaves[PARAMS], view, group, "params")),
+                             *view[1:])
+      kept |= np.any(x != 0, axis=tuple(a for a in range(x.ndim) if a != axis))
     index = np.flatnonzero(kept)
     sizes[group.name] = int(index.size)
-    for kind, members in ((PARAMS, group.members), (STATE, group.state_members)):
-      if members and kind not in leaves:
+    for kind in (PARAMS, STATE):
+      views = group.views(kind)
+      if views and kind not in leaves:
         raise ValueError(
-            f"group {group.name} has members in the state ({members[0][0]}, ...):"
+            f"group {group.name} has members in the state ({views[0][0]}, ...):"
             " pass the `state` that `channel_groups` was given.")
-      for path, axis in members:
-        _member(leaves[kind], path, axis, group, kind)
-        cuts.setdefault((kind, path), []).append((axis, index))
+      for view in views:
+        _member(leaves[kind], view, group, kind)
+        cuts.setdefault((kind, view[0]), []).append((view[1:], index))
 
   def cut(kind, tree):
     if tree is None:
@@ -628,12 +718,24 @@ def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     out = []
     for path, x in path_leaves:
-      for axis, index in cuts.get((kind, jax.tree_util.keystr(_paths.normalized(path))), ()):
-        x = jnp.take(x, index, axis=axis)
+      for (axis, outer, inner), index in cuts.get(
+          (kind, jax.tree_util.keystr(_paths.normalized(path))), ()):
+        view, channel_axis = channel_view(x, axis, outer, inner)
+        shape = list(x.shape)
+        shape[axis] = outer * index.size * inner
+        x = jnp.take(view, index, axis=channel_axis).reshape(shape)
       out.append(x)
     return treedef.unflatten(out)
 
   return Shrunk(cut(PARAMS, params), cut(STATE, state), sizes)
+
+
+def channel_view(x: Any, axis: int, outer: int, inner: int) -> tuple[Any, int]:
+  """``x`` with ``axis`` split into ``(outer, channels, inner)`` (NumPy or
+  JAX), and the axis of the channels in it."""
+  shape = tuple(x.shape)
+  channels = shape[axis] // (outer * inner)
+  return x.reshape(shape[:axis] + (outer, channels, inner) + shape[axis + 1:]), axis + 1
 
 
 def checked_groups(groups: Any, name: str) -> tuple[ChannelGroup, ...]:
@@ -660,11 +762,15 @@ def _by_path(tree: Any) -> dict:
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _member(leaves: dict, path: str, axis: int, group: ChannelGroup, kind: str):
+def _member(leaves: dict, view: tuple, group: ChannelGroup, kind: str):
+  """The leaf of a member ``(path, axis, outer, inner)``, checked."""
+  path, axis, outer, inner = view
   x = leaves.get(path)
-  if x is None or not 0 <= axis < jnp.ndim(x) or jnp.shape(x)[axis] != group.size:
+  if (x is None or not 0 <= axis < jnp.ndim(x)
+      or jnp.shape(x)[axis] != outer * group.size * inner):
     raise ValueError(
         f"`{kind}` do not match group {group.name}: its member {path} (axis {axis},"
-        f" {group.size} channels) is {'missing' if x is None else jnp.shape(x)}."
-        " Find the groups with `channel_groups` on these params.")
+        f" {outer * group.size * inner} entries) is"
+        f" {'missing' if x is None else jnp.shape(x)}. Find the groups with"
+        " `channel_groups` on these params.")
   return x

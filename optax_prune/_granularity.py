@@ -398,14 +398,16 @@ class CoupledChannels:
 
   @property
   def paths(self) -> frozenset:
-    return frozenset(path for g in self.groups for path, _ in g.members)
+    return frozenset(view[0] for g in self.groups for view in g.views())
 
   def selects(self, path, leaf) -> bool:
     """The ``where`` it implies: the groups' parameter members."""
     del leaf
     return jax.tree_util.keystr(path) in self.paths
 
-  def channel_scores(self, scores: jax.Array, axis: int) -> jax.Array:
+  def channel_scores(self, scores: jax.Array, view: tuple) -> jax.Array:
+    """A member's channel norms; ``view`` is its ``(path, axis, outer, inner)``."""
+    scores, axis = _coupling.channel_view(scores, *view[1:])
     return Channels(axis, self.norm).unit_scores(scores)
 
   def check_params(self, params: Any) -> None:
@@ -413,8 +415,8 @@ class CoupledChannels:
     another size (groups found for other params)."""
     leaves = _coupling._by_path(params)  # pylint: disable=protected-access
     for group in self.groups:
-      for path, axis in group.members:
-        _coupling._member(leaves, path, axis, group, "params")  # pylint: disable=protected-access
+      for view in group.views():
+        _coupling._member(leaves, view, group, "params")  # pylint: disable=protected-access
 
   def checked_setup(self, schedule: Any, where: Any, scope: str, distribution: Any):
     """Refuses ``magnitude_pruning`` arguments that it decides itself."""

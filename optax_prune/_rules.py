@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 
+from optax_prune import _coupling
 from optax_prune import _distributions
 from optax_prune import _placement
 from optax_prune import _plan
@@ -201,8 +202,9 @@ def prune_coupled(groups: Sequence[Any], channel_scores: Callable) -> MaskRule:
   r"""Structured pruning over coupled channel groups (see ``_coupling``).
 
   Per group of :math:`C` channels, a channel's score is the sum over the
-  group's parameter members of ``channel_scores(member scores, axis)`` (the
-  L1 or L2 norm of the member's slice at the channel), and exactly
+  group's parameter members of ``channel_scores(member scores, view)`` (the
+  L1 or L2 norm of the member's slice at the channel; ``view`` is the
+  member's ``(path, axis, outer, inner)``, see ``ChannelGroup.views``), and exactly
   :math:`\max(\mathrm{round}(s C), \text{pruned before})` channels of
   smallest score are pruned, ties by position; channels pruned before rank
   below every kept one, so masks only grow. A member's mask is the product
@@ -222,25 +224,27 @@ def prune_coupled(groups: Sequence[Any], channel_scores: Callable) -> MaskRule:
                              _scores.leaf_key(inputs.key, i))
     keeps = {leaf.index: [] for leaf in plan.leaves}
     for group in groups:
-      members = [(leaves[path].index, axis) for path, axis in group.members]
-      unit = sum(channel_scores(scores[i], axis) for i, axis in members)
+      members = [(leaves[view[0]].index, view) for view in group.views()]
+      unit = sum(channel_scores(scores[i], view) for i, view in members)
       kept_before = functools.reduce(jnp.logical_or, [
-          jnp.any(inputs.masks[i], axis=_other_axes(inputs.masks[i], axis))
-          for i, axis in members])
+          jnp.any(mask, axis=_other_axes(mask, axis)) for mask, axis in (
+              _coupling.channel_view(inputs.masks[i], *view[1:])
+              for i, view in members)])
       count = jnp.maximum(
           _distributions.prune_count(sparsity, group.size),
           (group.size - jnp.sum(kept_before, dtype=jnp.int32)).astype(jnp.uint32))
       (keep,), = _thresholds.keep_masks_for_counts(
           [[ranked_within(kept_before, unit)]], [count], "sort")
-      for i, axis in members:
-        keeps[i].append((axis, keep))
+      for i, view in members:
+        keeps[i].append((view, keep))
     masks = []
     for leaf in plan.leaves:
       mask = jnp.ones(leaf.shape, bool)
-      for axis, keep in keeps[leaf.index]:
-        shape = [1] * len(leaf.shape)
-        shape[axis] = keep.shape[0]
-        mask = mask & keep.reshape(shape)
+      for (_, axis, outer, inner), keep in keeps[leaf.index]:
+        view, channel_axis = _coupling.channel_view(mask, axis, outer, inner)
+        shape = [1] * view.ndim
+        shape[channel_axis] = keep.shape[0]
+        mask = (view & keep.reshape(shape)).reshape(leaf.shape)
       masks.append(mask)
     pruned = [jnp.sum(~m, dtype=jnp.int32) for m in masks]
     return MaskUpdate(

@@ -20,6 +20,8 @@ import pytest
 from flax import nnx
 
 import optax_prune
+from tests import helpers
+from tests import reference
 
 
 def _groups_by_name(groups):
@@ -218,6 +220,36 @@ def test_transformer_heads_and_mlp_shrink_to_equal_outputs():
   np.testing.assert_allclose(out, fn(pruned, tokens), rtol=1e-5, atol=1e-5)
 
 
+class FlatCNN(nn.Module):
+  """A convolution, 2x2 average pooling and a flatten before the Dense layers."""
+
+  widths: tuple = (6, 5)
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.avg_pool(nn.relu(nn.Conv(self.widths[0], (3, 3))(x)), (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Dense(self.widths[1])(x.reshape((x.shape[0], -1))))
+    return nn.Dense(3)(x)
+
+
+def test_a_flatten_before_a_dense_layer_shrinks_with_the_channels():
+  model, x = FlatCNN(), jax.random.normal(jax.random.key(1), (2, 6, 6, 2))
+  params = _perturbed(jax.jit(model.init)(jax.random.key(0), x)["params"])
+  fn = lambda p, x: model.apply({"params": p}, x)
+  groups = optax_prune.channel_groups(fn, params, x)
+  conv = _groups_by_name(groups)["['Conv_0']['kernel'][axis 3]"]
+  # Dense_0's 54 input rows are 3 x 3 positions times 6 channels, channels inner.
+  assert conv.prunable and conv.flat_members == (("['Dense_0']['kernel']", 0, 9, 1),)
+  flattened = _groups_by_name(groups)["['Dense_0']['kernel'][axis 0]"]
+  assert flattened.reason.startswith("a flatten of channels and positions")
+  pruned, _ = _prune(params, groups, 0.5)
+  assert int((np.asarray(pruned["Dense_0"]["kernel"]) == 0).all(1).sum()) == 9 * 3
+  small = optax_prune.shrink(groups, pruned)
+  assert small.params["Dense_0"]["kernel"].shape == (27, 3)
+  out = FlatCNN((3, 3)).apply({"params": small.params}, x)
+  np.testing.assert_allclose(out, fn(pruned, x), rtol=1e-5, atol=1e-6)
+
+
 class NnxMLP(nnx.Module):
 
   def __init__(self, widths, rngs):
@@ -267,11 +299,11 @@ def test_nnx_model_trains_with_coupled_pruning_and_shrinks():
 
 def _reference_keep(kernels, sparsity):
   """NumPy: channel score = sum of the members' L2 norms (float32), the
-  round(s * C) smallest pruned (half to even), ties by position."""
+  round(s * C) smallest pruned (half to even, of the float32 s), ties by position."""
   (w1, a1), (w2, a2) = kernels
   norm = lambda w, axis: np.sqrt(np.sum(w * w, axis=1 - axis, dtype=np.float32))
   score = norm(w1, a1) + norm(w2, a2)
-  count = int(np.round(np.float32(sparsity) * score.size))
+  count = reference.prune_count(sparsity, score.size)  # Of the float32 sparsity, exactly.
   keep = np.ones(score.size, bool)
   keep[np.argsort(score, kind="stable")[:count]] = False
   return keep, count, score
@@ -279,7 +311,7 @@ def _reference_keep(kernels, sparsity):
 
 @hypothesis.settings(max_examples=15)
 @hypothesis.given(
-    width=st.integers(1, 9), sparsity=st.floats(0.0, 1.0),
+    width=st.integers(2, 9), sparsity=st.floats(0.0, 1.0),
     values=st.sampled_from(["zeros", "grid", "normal"]), seed=st.integers(0, 2**16))
 def test_each_group_loses_exactly_round_s_c_smallest_channels(width, sparsity, values, seed):
   rng = np.random.default_rng(seed)
@@ -391,8 +423,6 @@ def test_coupled_pruning_keeps_the_contract(dtype, packed, optimizer, static):
   """Exact channel counts per group at every update, pruned members exactly 0
   after every step (no revival by momentum, Adam or weight decay), masks nested
   and unchanged between updates, one compile per kind of step."""
-  from tests import helpers, reference  # pylint: disable=g-import-not-at-top
-
   params = _contract_params(dtype)
   groups = optax_prune.channel_groups(_contract_fn, params, jnp.ones((2, 5, 5, 4), dtype))
   assert [(g.size, len(g.members)) for g in groups.prunable] == [(8, 3), (16, 3)]
