@@ -15,3 +15,6 @@ python3 -m benchmarks.step_overhead --repeats 200 --batch-size 512 --compile-thr
 # Sparse training (SET, RigL, static, STE) beside gradual pruning, in-step and static steps.
 python3 -m benchmarks.step_overhead --sparse-training --repeats 200 --batch-size 512 \
   --out "$OUT/step_overhead_sparse_gpu.json"
+# Shrunk models: forward time of the dense and the channel-pruned, shrunk models (short training).
+python3 -m benchmarks.shrink --quick --repeats 50 \
+  --out "$OUT/shrink_gpu.json" --plot "$OUT/shrink_gpu.png" 2>&1 | grep -v 'it/s\|s/it'

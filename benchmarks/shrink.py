@@ -19,9 +19,10 @@ batches, trained with ``optax.adam``:
   has parameters.
 
 Reports parameter counts, the metric (test accuracy or validation loss) and
-the CPU wall time of one jitted forward pass over the evaluation set (minimum
-of interleaved repeats; unstructured models run dense, so their time is the
-dense model's), and plots the metric against the measured speedup.
+the CPU wall time of one jitted forward pass over the evaluation set (the
+minimum of ``--repeats`` passes of every model of a task, interleaved after
+its training; unstructured models run dense, so their time is the dense
+model's), and plots the metric against the measured speedup.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from benchmarks import sensitivity
 
 TASKS = ("digits", "mnist1d", "chars")
 FRACTIONS = (0.25, 0.5, 0.75)
-REPEATS = 30
+REPEATS = 50
 
 
 def evaluation(name: str) -> tuple[np.ndarray, Any]:
@@ -134,9 +135,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       dense_apply = apply(task.model)
       base = {"task": name, "metric": task.metric, "epochs": epochs,
               "dense_params": dense_count}
-      dense_time = None
       records.append({**base, "method": "dense", "fraction": 0.0, "params": dense_count,
                       "value": metric(dense_apply(dense, inputs)), "wall_s": wall})
+      forward = {"dense": lambda: dense_apply(dense, inputs)}  # Timed after training.
       kernels = sum(np.size(x) for path, x in jax.tree_util.tree_flatten_with_path(dense)[0]
                     if (task.where or _default_where)(path, x))
       for fraction in args.fractions:
@@ -148,16 +149,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         small_apply = apply(model)
         logits = small_apply(small.params, inputs)
         diff = float(jnp.max(jnp.abs(logits - dense_apply(masked, inputs))))
-        times = _common.time_side_by_side(
-            {"dense": lambda: dense_apply(dense, inputs),
-             "shrunk": lambda: small_apply(small.params, inputs)},
-            repeats=args.repeats, warmup=2, statistic=min)
-        dense_time = times["dense"] if dense_time is None else min(dense_time, times["dense"])
+        forward[fraction] = lambda f=small_apply, p=small.params: f(p, inputs)
         small_count = count(small.params)
         records.append({**base, "method": "shrunk", "fraction": fraction,
                         "params": small_count, "value": metric(logits), "wall_s": wall,
-                        "infer_s": times["shrunk"], "dense_infer_s": times["dense"],
-                        "speedup": times["dense"] / times["shrunk"],
                         "max_abs_diff": diff, "sizes": small.sizes})
         sparsity = min(1.0, (dense_count - small_count) / kernels)
         tx = optax.chain(adam, optax_prune.magnitude_pruning(cubic(sparsity), where=task.where))
@@ -166,10 +161,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         records.append({**base, "method": "unstructured", "fraction": fraction,
                         "params": nonzero, "kernel_sparsity": sparsity,
                         "value": metric(dense_apply(pruned, inputs)), "wall_s": wall})
+      # All forward passes of the task interleaved, with no training running.
+      bar.set_description(f"{name} timing")
+      times = _common.time_side_by_side(forward, repeats=args.repeats, warmup=2,
+                                        statistic=min)
       for r in records:
-        if r["task"] == name and r["method"] != "shrunk":
-          # Dense shapes: the dense model's time (no sparse kernels here).
-          r.update(infer_s=dense_time, speedup=1.0)
+        if r["task"] == name:
+          # Unstructured models have the dense shapes: the dense model's time.
+          key = r["fraction"] if r["method"] == "shrunk" else "dense"
+          r.update(infer_s=times[key], dense_infer_s=times["dense"],
+                   speedup=times["dense"] / times[key])
   total = time.perf_counter() - start
   header = {"command": " ".join(["python -m benchmarks.shrink", *argv]),
             "tasks": list(args.tasks), "fractions": list(args.fractions),

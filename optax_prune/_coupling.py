@@ -71,7 +71,10 @@ _REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
                      "reduce_and", "reduce_or", "argmax", "argmin"})
 _ALONG_AXIS = {"cumsum": "axis", "cumprod": "axis", "cummax": "axis",
                "cummin": "axis", "cumlogsumexp": "axis", "split": "axis",
-               "sort": "dimension"}
+               "sort": "dimension", "rev": "dimensions"}
+# Calls of a nested jaxpr that runs once on the operands (not a reducer).
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint",
+                    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _SUBJAXPR = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 _RESHAPED = "merged with or split from another axis by a reshape"
 _FLATTEN = "flatten"  # Placeholder reason of a flattened axis until it is resolved.
@@ -213,6 +216,10 @@ def channel_groups(fn: Callable, params: Any, *inputs: Any, state: Any = None) -
   graph.run(jaxpr, env)
   for var in jaxpr.outvars:
     graph.block_var(_value(env, var), "an output of the model")
+    graph.read.add(id(_value(env, var)))
+  for var in invars:
+    if id(var) not in graph.read:
+      graph.block_var(var, "not read by the model")
   return graph.groups(invars, named)
 
 
@@ -248,6 +255,7 @@ class _Graph:
     self.zero: dict = {}  # (var, axis) -> slices at pruned channels are 0.
     self.weight: dict = {}  # var -> computed from params and state alone.
     self.merges: list = []  # (merged node, [(node, length) merged into it]).
+    self.read: set = set()  # ids of the values some primitive reads.
 
   # -- union-find --
   def node(self, var, axis: int) -> int:
@@ -298,10 +306,14 @@ class _Graph:
   def run(self, jaxpr, env: dict) -> None:
     """Walks ``jaxpr`` with its variables renamed by ``env`` (var -> _Value)."""
     for var in jaxpr.constvars:
-      self.weight[_value(env, var)] = True
+      var = _value(env, var)
+      self.weight[var] = True
+      # An array captured by the model's code: `shrink` cannot cut it.
+      self.block_var(var, "a constant captured by the model")
     for eqn in jaxpr.eqns:
       eqn = _Eqn(eqn.primitive, eqn.params, [_value(env, v) for v in eqn.invars],
                  [_value(env, v) for v in eqn.outvars])
+      self.read.update(id(v) for v in eqn.invars)
       for var in eqn.outvars:
         self.weight[var] = all(self.is_weight(v) for v in eqn.invars)
       name = eqn.primitive.name
@@ -337,10 +349,14 @@ class _Graph:
         self._slice(eqn)
       elif name == "gather":
         self._gather(eqn)
-      elif name in ("iota", "rng_bit_generator", "random_bits", "random_seed",
+      elif name == "iota":
+        # Values that are positions (arange, one_hot): removing a channel
+        # would renumber the rest.
+        self.block_var(eqn.outvars[0], "indexed by position (iota)")
+      elif name in ("rng_bit_generator", "random_bits", "random_seed",
                     "random_wrap", "random_unwrap"):
         pass  # No channel flows in.
-      elif sub is not None and name not in ("scan", "while", "cond"):
+      elif sub is not None and name in _CALLS:
         self._call(eqn, sub)
       else:
         reason = f"`{name}` is not analysed"
@@ -366,6 +382,8 @@ class _Graph:
                  and v.aval.shape[a] == size]
       aligned_ids = {id(v) for v in aligned}
       for v in aligned:
+        if _literal(v) and size > 1:
+          self.block(self.node(y, a), "a constant captured by the model")
         self.link(v, a, y, a)
       # Whether y's slices at pruned channels are exactly 0.
       zeros = [id(v) in aligned_ids and self.is_zero(v, a) or _literal_zero(v)
@@ -376,8 +394,8 @@ class _Graph:
         zero = all(zeros)
       elif name == "mul":
         zero = any(zeros)
-      elif name == "div":
-        zero = zeros[0]
+      elif name == "div":  # 0 / 0 is NaN: only a nonzero literal divides safely.
+        zero = zeros[0] and _literal(values[1]) and not _literal_zero(values[1])
       else:
         zero = False
       self.zero[(y, a)] = zero
@@ -488,16 +506,20 @@ class _Graph:
     for out_axis, a in enumerate(kept):
       self._pass(x, a, y, out_axis, keeps_zero and self.is_zero(x, a))
 
-  def _along_axis(self, eqn, axis: int, reason: str) -> None:
-    arrays = [v for v in eqn.invars if _ndim(v) == _ndim(eqn.outvars[0])]
+  def _along_axis(self, eqn, axes, reason: str) -> None:
+    ndim = _ndim(eqn.outvars[0])
+    axes = {a % ndim for a in (axes if isinstance(axes, (tuple, list)) else [axes])}
+    arrays = [v for v in eqn.invars if _ndim(v) == ndim]
+    keeps_zero = eqn.primitive.name != "cumlogsumexp"  # log(k) from k zeros.
     for var in arrays + list(eqn.outvars):
-      self.block_var(var, reason, [axis % _ndim(var)])
-    for a in range(_ndim(eqn.outvars[0])):
-      if a != axis % _ndim(eqn.outvars[0]):
-        for y in eqn.outvars:
-          for x in arrays:
-            self.link(x, a, y, a)
-          self.zero[(y, a)] = all(self.is_zero(x, a) for x in arrays)
+      self.block_var(var, reason, axes)
+    for a in range(ndim):
+      if a in axes:
+        continue
+      for y in eqn.outvars:
+        for x in arrays:
+          self.link(x, a, y, a)
+        self.zero[(y, a)] = keeps_zero and all(self.is_zero(x, a) for x in arrays)
 
   def _pad(self, eqn) -> None:
     (x, value), (y,) = eqn.invars, eqn.outvars
@@ -540,7 +562,9 @@ class _Graph:
   def _call(self, eqn, sub) -> None:
     """A nested jaxpr (jit, custom_jvp/vjp, remat): walked in place."""
     inner = getattr(sub, "jaxpr", sub)
-    if len(inner.invars) != len(eqn.invars) or len(inner.outvars) != len(eqn.outvars):
+    shapes = lambda vs: [getattr(v.aval, "shape", None) for v in vs]
+    if (shapes(inner.invars) != shapes(eqn.invars)
+        or shapes(inner.outvars) != shapes(eqn.outvars)):
       reason = f"`{eqn.primitive.name}` is not analysed"
       for var in list(eqn.invars) + list(eqn.outvars):
         self.block_var(var, reason)
@@ -749,11 +773,18 @@ def checked_groups(groups: Any, name: str) -> tuple[ChannelGroup, ...]:
     raise ValueError(
         f"`{name}` must be a ChannelGroups (from `channel_groups`) or a nonempty"
         f" sequence of its ChannelGroup items; got {groups!r}.")
+  seen = set()
   for g in groups:
     if not g.prunable:
       raise ValueError(
           f"`{name}` holds group {g.name}, which cannot be removed safely: it is"
           f" {g.reason}. Pass `channel_groups(...).prunable` or a subset of it.")
+    views = {(kind, view[:2]) for kind in (PARAMS, STATE) for view in g.views(kind)}
+    if views & seen:
+      raise ValueError(
+          f"`{name}` holds an axis twice (group {g.name} repeats or overlaps another):"
+          " pass each group of one `channel_groups` result once.")
+    seen |= views
   return groups
 
 

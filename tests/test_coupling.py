@@ -150,6 +150,17 @@ def test_transformer_groups_heads_and_refuses_the_residual_stream():
   assert "prunable" in str(groups) and "reduced over" in str(groups)
 
 
+def test_params_the_model_does_not_read_are_refused():
+  params = {"w": jnp.ones((3, 5)), "v": jnp.ones((5, 2)),
+            "aux": {"kernel": jnp.ones((5, 4)), "bias": jnp.zeros(4)}}
+  fn = lambda p, x: jax.nn.relu(x @ p["w"]) @ p["v"]
+  groups = optax_prune.channel_groups(fn, params, jnp.ones((2, 3)))
+  assert [g.members for g in groups.prunable] == [(("['v']", 0), ("['w']", 1))]
+  assert {g.reason for g in groups.groups if "aux" in g.name} == {"not read by the model"}
+  with pytest.raises(ValueError, match="holds an axis twice"):
+    optax_prune.shrink(groups.prunable * 2, params)
+
+
 def test_layers_that_share_a_jitted_activation_stay_apart():
   # jax.nn.gelu is one jitted jaxpr for both calls: its variables are per call.
   params = {"a": jnp.ones((3, 8)), "b": jnp.ones((8, 8)), "c": jnp.ones((8, 2))}
@@ -177,6 +188,20 @@ def _refusal(fn, *shapes):
     (lambda p, x: (x @ p["w"]) @ (p["v"][:4] + 1.0),
      "contracted with a weight that is not zero at pruned channels"),
     (lambda p, x: (x @ p["w"])[:, :2] @ p["v"][:2], "sliced"),
+    # Positions (a MADE degree, a one-hot) renumber when a channel goes.
+    (lambda p, x: (jax.nn.relu(x @ p["w"]) * jnp.arange(4.0)) @ p["v"],
+     "indexed by position (iota)"),
+    (lambda p, x: (jax.nn.relu(x @ p["w"]) * np.arange(4.0)) @ p["v"],
+     "a constant captured by the model"),
+    (lambda p, x: jax.lax.reduce_window(jax.nn.relu(x @ p["w"]), 1.0, jax.lax.mul,
+                                        (1, 1), (1, 1), "SAME") @ p["v"],
+     "`reduce_window` is not analysed"),
+    # Weights that are not 0 where the masked params are: cumlogsumexp of zeros
+    # is log(k); a normalised weight is 0 / 0 at a pruned channel.
+    (lambda p, x: (jnp.tanh(x @ p["w"]) + 1) @ jax.lax.cumlogsumexp(p["v"], axis=1),
+     "contracted with a weight that is not zero at pruned channels"),
+    (lambda p, x: jnp.tanh(x @ p["w"]) @ (p["v"] / jnp.abs(p["v"]).sum(1, keepdims=True)),
+     "contracted with a weight that is not zero at pruned channels"),
 ])
 def test_unsafe_axes_are_refused_with_their_reason(body, reason):
   shapes = ((5, 4), (8, 2)) if "concatenated" in reason else (
