@@ -28,7 +28,14 @@ refused (``reason`` says why, its axes are left alone) when one of its axes
   with a factor that is not zero at pruned channels;
 * meets a primitive not analysed here (a loop, a custom call): every axis it
   touches is refused;
-* has a single channel (removing it would remove the layer).
+* holds positions (``iota``: ``jnp.arange``, ``one_hot``), which renumber
+  when a channel goes, or a constant captured by the model's code, which
+  ``shrink`` cannot cut;
+* belongs to a parameter the model never reads, or has a single channel.
+
+"Equal outputs" is meant where the masked model is finite: a pruned channel
+that becomes ``inf`` (``log`` of a zero activation) and meets a zero weight
+gives NaN there and not in the shrunk model.
 
 What the jaxpr cannot show is a constant computed in Python from an axis's
 size (``x / x.shape[-1]`` on a channel axis); such a model must be checked
