@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -303,7 +303,7 @@ class _Graph:
 
   def is_zero(self, var, axis) -> bool:
     if _literal(var):
-      return bool(np.all(np.asarray(var.val) == 0))
+      return _literal_zero(var)
     return self.zero.get((var, axis), False)
 
   def is_weight(self, var) -> bool:
@@ -604,14 +604,15 @@ class _Graph:
     for i, reason in self.reasons.items():
       reasons.setdefault(self.find(i), []).append(reason)
     flat = self._resolve_flattens(found, reasons)
+    flattened_into = {merged: channel for channel, views in flat.items()
+                      for merged, _, _ in views}
     groups, names = [], {}
     for root, entry in found.items():
-      members = sorted(entry[PARAMS])
-      if not members:
+      if not entry[PARAMS]:
         continue
       ndim = lambda m, e=entry: e["ndim"][m]
       # Named after a layer's outputs: a kernel's last axis, else any kernel.
-      path, axis = min(members, key=lambda m: (
+      path, axis = min(entry[PARAMS], key=lambda m: (
           not (ndim(m) >= 2 and m[1] == ndim(m) - 1), "kernel" not in m[0], m))
       names[root] = f"{path}[axis {axis}]"
     for root, name in names.items():
@@ -622,8 +623,8 @@ class _Graph:
       own = [r for r in reasons.get(root, ()) if r != _FLATTEN]
       if _FLATTEN in reasons.get(root, ()):
         own.append(f"a flatten of channels and positions; shrinks with the group of"
-                   f" {names[self._flattened_into(root, flat)]}"
-                   if self._flattened_into(root, flat) in names else _RESHAPED)
+                   f" {names[flattened_into[root]]}"
+                   if flattened_into.get(root) in names else _RESHAPED)
       if self.size[root] == 1:
         own.append("a single channel")
       groups.append(ChannelGroup(
@@ -657,11 +658,6 @@ class _Graph:
         for r in roots + [root]:
           reasons.setdefault(r, []).append(_RESHAPED)
     return flat
-
-  @staticmethod
-  def _flattened_into(root: int, flat: dict) -> Optional[int]:
-    return next((channel for channel, views in flat.items()
-                 if any(merged == root for merged, _, _ in views)), None)
 
 
 def _literal(var) -> bool:

@@ -26,6 +26,7 @@ ranked together under ``scope="global"``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -396,7 +397,7 @@ class CoupledChannels:
   groups: tuple  # Of `_coupling.ChannelGroup`, all prunable.
   norm: str = "l2"
 
-  @property
+  @functools.cached_property
   def paths(self) -> frozenset:
     return frozenset(view[0] for g in self.groups for view in g.views())
 
@@ -476,7 +477,5 @@ def coupled_channels(groups: Any, *, norm: str = "l2") -> CoupledChannels:
     >>> state.masks["layers_0"]["bias"].sum(), state.masks["layers_2"]["kernel"].sum()
     (Array(2, dtype=int32), Array(4, dtype=int32))
   """
-  from optax_prune import _coupling  # pylint: disable=g-import-not-at-top
-
   return CoupledChannels(_coupling.checked_groups(groups, "groups"),
                          _checks.one_of("norm", norm, ("l1", "l2")))
