@@ -49,22 +49,26 @@ def clip_sparsity(sparsity: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(sparsity), 0.0, jnp.clip(sparsity, 0.0, 1.0))
 
 
-def prune_count(sparsity: jax.Array, n: int) -> jax.Array:
+def prune_count(sparsity: jax.Array, n) -> jax.Array:
   """``round(sparsity * n)`` exactly, half to even, as uint32.
 
-  ``sparsity`` is a float32 scalar in [0, 1] (it may be traced); ``n`` is a
-  static size below 2**31. The float is split into its integer mantissa ``m``
-  and a power of two, ``s = m / 2**shift``, and ``m * n`` (up to 55 bits) is
-  formed in 12-bit limbs so that every partial product fits in int32.
+  ``sparsity`` is a float32 scalar or array in [0, 1] (it may be traced);
+  ``n`` a static size below 2**31, or a sequence of them (then one count per
+  size: the arithmetic runs once on vectors, so XLA compiles it in constant
+  size, whatever the number of leaves). The float is split into its integer
+  mantissa ``m`` and a power of two, ``s = m / 2**shift``, and ``m * n`` (up
+  to 55 bits) is formed in 12-bit limbs so that every partial product fits in
+  int32.
 
   Args:
-    sparsity: float32 scalar in [0, 1].
-    n: number of entries, 0 <= n < 2**31.
+    sparsity: float32 scalar or array in [0, 1], broadcast against ``n``.
+    n: number of entries, 0 <= n < 2**31; an int or a sequence of ints.
 
   Returns:
-    uint32 scalar.
+    uint32, of the shape of ``sparsity`` broadcast against ``n``.
   """
-  if not 0 <= n <= MAX_GROUP_SIZE:
+  sizes = np.asarray(n, np.int64)
+  if sizes.size and not ((sizes >= 0).all() and (sizes <= MAX_GROUP_SIZE).all()):
     raise ValueError(f"group size must be in [0, 2**31 - 1]; got {n}.")
   bits = lax.bitcast_convert_type(jnp.asarray(sparsity, jnp.float32), jnp.uint32)
   exponent = ((bits >> 23) & 0xFF).astype(jnp.int32)
@@ -73,15 +77,15 @@ def prune_count(sparsity: jax.Array, n: int) -> jax.Array:
   shift = jnp.where(exponent > 0, 150 - exponent, 149)  # s = m * 2**-shift.
 
   m_limbs = [mantissa & 0xFFF, mantissa >> 12]
-  n_limbs = [(n >> (12 * j)) & 0xFFF for j in range(3)]
+  n_limbs = [(sizes >> (12 * j)) & 0xFFF for j in range(3)]
   # Column sums of the limb products (< 2**25 each), then carry into 12 bits.
   limbs, carry = [], jnp.uint32(0)
   for t in range(5):
     column = carry
     for i, m_limb in enumerate(m_limbs):
       j = t - i
-      if 0 <= j < len(n_limbs) and n_limbs[j]:
-        column = column + m_limb * jnp.uint32(n_limbs[j])
+      if 0 <= j < len(n_limbs) and n_limbs[j].any():
+        column = column + m_limb * jnp.asarray(n_limbs[j], jnp.uint32)
     limbs.append(column & 0xFFF)
     carry = column >> 12
 
@@ -101,9 +105,20 @@ def prune_count(sparsity: jax.Array, n: int) -> jax.Array:
   base = twice >> 1
   half = (twice & 1) == 1
   # Above one half: round up; exactly one half: round to even.
-  return jnp.where(half & (sticky | ((base & 1) == 1)), base + 1, base)
+  count = jnp.where(half & (sticky | ((base & 1) == 1)), base + 1, base)
+  return _computed_once(
+      jnp.broadcast_to(count, jnp.broadcast_shapes(jnp.shape(bits), sizes.shape)))
 
 
+def _computed_once(x: jax.Array) -> jax.Array:
+  """``x``, computed once where it is read several times.
+
+  XLA copies a chain of cheap elementwise operations into every fusion that
+  reads its result; the count arithmetic is a long such chain, read by every
+  leaf's kernel and by the next stage, so its copies made the compiled
+  program grow with (leaves x chain). The barrier keeps one copy.
+  """
+  return lax.optimization_barrier(x)
 
 
 def erk_ratio(shape: Sequence[int]) -> float:
@@ -112,10 +127,9 @@ def erk_ratio(shape: Sequence[int]) -> float:
   return sum(shape) / size if size else 0.0
 
 
-def uniform_prune_counts(sizes: Sequence[int], sparsity: jax.Array) -> list[jax.Array]:
-  """``round(s * n_l)`` per leaf (uint32)."""
-  sparsity = clip_sparsity(sparsity)
-  return [prune_count(sparsity, n) for n in sizes]
+def uniform_prune_counts(sizes: Sequence[int], sparsity: jax.Array) -> jax.Array:
+  """``round(s * n_l)`` per leaf: a uint32 vector of ``len(sizes)``."""
+  return prune_count(clip_sparsity(sparsity), np.asarray(sizes, np.int64).reshape(-1))
 
 
 def erk_densities(sizes, ratios, sparsity) -> jax.Array:
@@ -140,13 +154,27 @@ def erk_densities(sizes, ratios, sparsity) -> jax.Array:
   density_sorted = jnp.where(
       position < j, 1.0, jnp.clip(epsilon[j] * jnp.asarray(r, jnp.float32), 0.0, 1.0)
   )
-  return density_sorted[jnp.asarray(np.argsort(order))]
+  return _computed_once(density_sorted[jnp.asarray(np.argsort(order))])
+
+
+def _fill_in_order(amount: jax.Array, room: jax.Array) -> jax.Array:
+  """Shares of ``amount`` (int32 scalar >= 0) taken by the entries of ``room``
+  (int32 vector >= 0) in order, each as much as it has room for.
+
+  The sequential rule ``take_i = min(room_i, amount - taken before i)``, as
+  vector operations (an exclusive cumulative sum): its compiled size does not
+  grow with the number of entries, where a loop over them in Python would be
+  copied by XLA into every fusion that reads a count.
+  """
+  before = jnp.cumsum(room) - room
+  return jnp.clip(amount - before, 0, room)
 
 
 def erk_prune_counts(
     sizes: Sequence[int], ratios: Sequence[float], sparsity: jax.Array
-) -> list[jax.Array]:
-  """Per-leaf prune counts (uint32) summing exactly to ``round(s * sum(sizes))``.
+) -> jax.Array:
+  """Per-leaf prune counts (a uint32 vector) summing exactly to
+  ``round(s * sum(sizes))``.
 
   Each leaf's count is rounded from its ERK density, keeping at least one
   unit of every leaf; the few units that the rounding (and float32 in the
@@ -155,36 +183,33 @@ def erk_prune_counts(
   leaves fewer kept units than there are leaves (at ``s = 1``, all are).
   """
   sparsity = clip_sparsity(sparsity)
-  total = prune_count(sparsity, sum(sizes)).astype(jnp.int32)
-  if not sizes:
-    return []
+  sizes = np.asarray(sizes, np.int64).reshape(-1)
+  total = prune_count(sparsity, int(sizes.sum())).astype(jnp.int32)
+  if not sizes.size:
+    return jnp.zeros((0,), jnp.uint32)
   densities = erk_densities(sizes, ratios, sparsity)
+  n = jnp.asarray(sizes, jnp.int32)
   # At most n - 1 each: a density that rounds to no kept unit would prune the
   # leaf whole, which no one asked for.
-  counts = [
-      jnp.minimum(prune_count(1.0 - densities[i], n).astype(jnp.int32), max(n - 1, 0))
-      for i, n in enumerate(sizes)
-  ]
-  residual = total - sum(counts)
-  sparse = [densities[i] < 1.0 for i in range(len(sizes))]
-  # Passes, each taking what fits: leaves that are not dense (so dense ones
-  # stay dense) keeping one unit, then any leaf keeping one, then any leaf.
-  for only_sparse, keep in ((True, 1), (False, 1), (False, 0)):
-    for i, n in enumerate(sizes):
-      allowed = sparse[i] if only_sparse else jnp.bool_(True)
-      room_up = jnp.maximum(n - keep - counts[i], 0)
-      step = jnp.clip(residual, -counts[i], room_up)
-      step = jnp.where(allowed, step, 0)
-      counts[i] = counts[i] + step
-      residual = residual - step
-  return [c.astype(jnp.uint32) for c in counts]
+  counts = jnp.minimum(prune_count(1.0 - densities, sizes).astype(jnp.int32),
+                       jnp.maximum(n - 1, 0))
+  residual = total - jnp.sum(counts)
+  sparse = densities < 1.0
+  # Passes, each taking what fits, leaf by leaf in order: leaves that are not
+  # dense (so dense ones stay dense) keeping one unit, then any leaf keeping
+  # one, then any leaf. Within a pass the residual keeps its sign.
+  for allowed, keep in ((sparse, 1), (True, 1), (True, 0)):
+    up = jnp.where(allowed, jnp.maximum(n - keep - counts, 0), 0)
+    down = jnp.where(allowed, counts, 0)
+    step = (_fill_in_order(jnp.maximum(residual, 0), up)
+            - _fill_in_order(jnp.maximum(-residual, 0), down))
+    counts, residual = _computed_once((counts + step, residual - jnp.sum(step)))
+  return counts.astype(jnp.uint32)
 
 
-def nested_counts(
-    counts: Sequence[jax.Array], pruned: Sequence[jax.Array]
-) -> list[jax.Array]:
+def nested_counts(counts, pruned) -> jax.Array:
   """``counts`` moved so that no group loses fewer units than ``pruned`` (what
-  it has lost already), with the same sum; uint32.
+  it has lost already), with the same sum; a uint32 vector.
 
   Rounding can give a leaf one unit fewer at a higher ERK sparsity, which
   would revive a pruned unit. Each group is raised to its floor and the
@@ -192,18 +217,13 @@ def nested_counts(
   because the total has not fallen. When it has (a falling schedule), counts
   are left as they are, as uniform counts are.
   """
-  counts = [jnp.asarray(c).astype(jnp.int32) for c in counts]
-  pruned = [jnp.asarray(p).astype(jnp.int32) for p in pruned]
-  rising = sum(counts) >= sum(pruned)
-  floors = [jnp.where(rising, p, 0) for p in pruned]
-  raised = [jnp.maximum(c, f) for c, f in zip(counts, floors)]
-  excess = sum(raised) - sum(counts)
-  out = []
-  for c, f in zip(raised, floors):
-    take = jnp.clip(excess, 0, c - f)
-    out.append((c - take).astype(jnp.uint32))
-    excess = excess - take
-  return out
+  counts = jnp.asarray(counts).astype(jnp.int32).reshape(-1)
+  pruned = jnp.asarray(pruned).astype(jnp.int32).reshape(-1)
+  rising = jnp.sum(counts) >= jnp.sum(pruned)
+  floors = jnp.where(rising, pruned, 0)
+  raised = jnp.maximum(counts, floors)
+  excess = jnp.sum(raised) - jnp.sum(counts)
+  return _computed_once((raised - _fill_in_order(excess, raised - floors)).astype(jnp.uint32))
 
 
 class Distribution(Protocol):
@@ -220,8 +240,8 @@ class Distribution(Protocol):
 
   def counts(
       self, sizes: Sequence[int], shapes: Sequence[Sequence[int]],
-      sparsity: jax.Array, pruned: Optional[Sequence[jax.Array]] = None,
-  ) -> tuple[list[jax.Array], list[jax.Array]]:
+      sparsity: jax.Array, pruned: Optional[jax.Array] = None,
+  ) -> tuple[jax.Array, jax.Array]:
     """Units to prune per group, and the sparsity that asks of each group.
 
     Args:
@@ -229,11 +249,11 @@ class Distribution(Protocol):
       shapes: per group, the shape of its (first) leaf.
       sparsity: float32 scalar, the schedule's sparsity; clipped to [0, 1],
         NaN counts as 0.
-      pruned: optional, per group, the units it has lost already.
+      pruned: optional int32 vector, per group the units it has lost already.
 
     Returns:
-      ``(counts, shares)``: per group a uint32 count in [0, size] and a
-      float32 scalar, the sparsity asked of it.
+      ``(counts, shares)``: vectors over the groups, a uint32 count in
+      [0, size] and the float32 sparsity asked of each.
     """
 
 
@@ -254,7 +274,7 @@ class Uniform:
   def counts(self, sizes, shapes, sparsity, pruned=None):
     del shapes, pruned
     sparsity = clip_sparsity(sparsity)
-    return uniform_prune_counts(sizes, sparsity), [sparsity] * len(sizes)
+    return uniform_prune_counts(sizes, sparsity), jnp.full(len(sizes), sparsity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +300,7 @@ class ERK:
     counts = erk_prune_counts(sizes, [erk_ratio(s) for s in shapes], sparsity)
     if pruned is not None:
       counts = nested_counts(counts, pruned)
-    return counts, [c.astype(jnp.float32) / max(n, 1) for c, n in zip(counts, sizes)]
+    return counts, counts.astype(jnp.float32) / np.maximum(np.asarray(sizes, np.float32), 1)
 
 
 def resolve(name: str, by_default: bool = False) -> Distribution:

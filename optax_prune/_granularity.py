@@ -363,26 +363,42 @@ def checked_unit_count(granularity: Granularity, path: str, shape: Sequence[int]
 
   A granularity of your own gets a ``ValueError`` naming the leaf when
   ``unit_scores`` fails or ``expand`` does not return a bool mask of the
-  leaf's shape, instead of an error from inside ``jit``.
+  leaf's shape, instead of an error from inside ``jit``. Leaves of one shape
+  are traced once (a deep model has many).
   """
-  spec = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+  try:
+    units, failure = _traced_units(granularity, tuple(shape))
+  except TypeError:  # Unhashable: traced every time.
+    units, failure = _traced_units.__wrapped__(granularity, tuple(shape))
+  if isinstance(failure, Exception):
+    raise ValueError(
+        f"granularity {granularity!r} failed on leaf {path}: {failure}. Fix its"
+        " `unit_scores`/`expand`, or give this leaf another granularity"
+        " (a pytree prefix or `by_path` rules)."
+    ) from failure
+  if failure is not None:
+    raise ValueError(
+        f"granularity {granularity!r}: `expand` must return a bool mask of the"
+        f" leaf's shape; for leaf {path} of shape {tuple(shape)} it returned {failure}."
+        " Return `unit_keep` broadcast back to the leaf, as `channels` does."
+    )
+  return units
+
+
+@functools.lru_cache(maxsize=4096)
+def _traced_units(granularity: Granularity, shape: tuple[int, ...]):
+  """``(units, None)``, or ``(None, what went wrong)``: the exception, or
+  what ``expand`` returned instead of a bool mask of ``shape``."""
+  spec = jax.ShapeDtypeStruct(shape, jnp.float32)
   try:
     units = jax.eval_shape(granularity.unit_scores, spec)
     mask = jax.eval_shape(
         granularity.expand, jax.ShapeDtypeStruct(units.shape, jnp.bool_), spec)
   except Exception as e:  # Any failure here is the granularity's.
-    raise ValueError(
-        f"granularity {granularity!r} failed on leaf {path}: {e}. Fix its"
-        " `unit_scores`/`expand`, or give this leaf another granularity"
-        " (a pytree prefix or `by_path` rules)."
-    ) from e
-  if getattr(mask, "shape", None) != tuple(shape) or mask.dtype != jnp.bool_:
-    raise ValueError(
-        f"granularity {granularity!r}: `expand` must return a bool mask of the"
-        f" leaf's shape; for leaf {path} of shape {tuple(shape)} it returned {mask}."
-        " Return `unit_keep` broadcast back to the leaf, as `channels` does."
-    )
-  return math.prod(units.shape)
+    return None, e
+  if getattr(mask, "shape", None) != shape or mask.dtype != jnp.bool_:
+    return None, mask
+  return math.prod(units.shape), None
 
 
 @dataclasses.dataclass(frozen=True)

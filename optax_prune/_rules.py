@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_prune import _coupling
 from optax_prune import _distributions
@@ -48,8 +49,10 @@ class MaskUpdate(NamedTuple):
   """What a rule returns, one entry per leaf of ``plan.leaves``."""
 
   masks: list[jax.Array]  # bool keep-masks, shaped and placed like the leaves.
-  targets: list[jax.Array]  # float32 scalars: the sparsity asked of each.
-  pruned_units: list[jax.Array]  # int32 scalars: units each leaf has lost.
+  # Vectors over the leaves (or lists of scalars), as the state holds them:
+  # one op per schedule, not one per leaf, in the compiled step.
+  targets: jax.Array  # float32: the sparsity asked of each.
+  pruned_units: jax.Array  # int32: units each leaf has lost.
 
 
 class MaskRule(Protocol):
@@ -88,11 +91,10 @@ def prune_smallest(
   counts, shares = plan.distribution.counts(
       [g.units for g in plan.groups],
       [g.leaves[0].shape for g in plan.groups], sparsity,
-      pruned=[sum(inputs.pruned_units[leaf.index] for leaf in g.leaves)
-              for g in plan.groups])
+      pruned=jnp.stack([sum(inputs.pruned_units[leaf.index] for leaf in g.leaves)
+                        for g in plan.groups]))
   # 4. Kernel: groups that share a method share one call (one search loop).
-  found = keep_units(plan, units, counts)
-  keeps = {i: (keep, shares[j]) for i, (keep, j) in found.items()}
+  keeps = keep_units(plan, units, counts)
   # 5. Expand the unit decisions to masks, placed like their leaves.
   masks = [
       _placement.put_back(
@@ -100,11 +102,27 @@ def prune_smallest(
           shardings.get(leaf.index))
       for leaf in leaves
   ]
-  return MaskUpdate(
-      masks=masks,
-      targets=[keeps[leaf.index][1] for leaf in leaves],
-      pruned_units=[jnp.sum(~keeps[leaf.index][0], dtype=jnp.int32) for leaf in leaves],
-  )
+  return MaskUpdate(masks=masks, targets=per_leaf(plan, shares),
+                    pruned_units=pruned_units(plan, counts, keeps))
+
+
+def per_leaf(plan: _plan.SchedulePlan, per_group: jax.Array) -> jax.Array:
+  """A vector over ``plan.groups`` spread over ``plan.leaves`` (one gather)."""
+  group_of = [j for j, g in enumerate(plan.groups) for _ in g.leaves]
+  return jnp.asarray(per_group)[jnp.asarray(group_of, jnp.int32)]
+
+
+def pruned_units(plan: _plan.SchedulePlan, counts: jax.Array, keeps: dict) -> jax.Array:
+  """int32 units lost per leaf of ``plan.leaves``: a lone leaf's is its group's
+  count (the kernels prune exactly that many); leaves ranked together count
+  their pruned units."""
+  pruned = per_leaf(plan, jnp.asarray(counts).astype(jnp.int32))
+  shared = [k for k, leaf in enumerate(plan.leaves)
+            if len(plan.groups[keeps[leaf.index][1]].leaves) > 1]
+  if shared:
+    counted = [jnp.sum(~keeps[plan.leaves[k].index][0], dtype=jnp.int32) for k in shared]
+    pruned = pruned.at[jnp.asarray(shared, jnp.int32)].set(jnp.stack(counted))
+  return pruned
 
 
 def keep_units(plan: _plan.SchedulePlan, units: dict, counts: Sequence[jax.Array]) -> dict:
@@ -188,12 +206,10 @@ def drop_and_grow(
             _scores.leaf_key(inputs.key, i))) for i in old},
         by_group({i: sizes[i] - drop[i] for i in old}))
     masks = [after_drop[leaf.index] | grown[leaf.index][0] for leaf in leaves]
-    pruned = [inputs.pruned_units[leaf.index] for leaf in leaves]
-    return MaskUpdate(
-        masks=masks,
-        targets=[p.astype(jnp.float32) / max(leaf.units, 1) for p, leaf in zip(pruned, leaves)],
-        pruned_units=pruned,
-    )
+    pruned = jnp.stack([inputs.pruned_units[leaf.index] for leaf in leaves])
+    units = np.maximum([leaf.units for leaf in leaves], 1).astype(np.float32)
+    return MaskUpdate(masks=masks, targets=pruned.astype(jnp.float32) / units,
+                      pruned_units=pruned)
 
   return rule
 
@@ -246,12 +262,10 @@ def prune_coupled(groups: Sequence[Any], channel_scores: Callable) -> MaskRule:
         shape[channel_axis] = keep.shape[0]
         mask = (view & keep.reshape(shape)).reshape(leaf.shape)
       masks.append(mask)
-    pruned = [jnp.sum(~m, dtype=jnp.int32) for m in masks]
-    return MaskUpdate(
-        masks=masks,
-        targets=[p.astype(jnp.float32) / max(m.size, 1) for p, m in zip(pruned, masks)],
-        pruned_units=pruned,
-    )
+    pruned = jnp.stack([jnp.sum(~m, dtype=jnp.int32) for m in masks])
+    sizes = np.maximum([m.size for m in masks], 1).astype(np.float32)
+    return MaskUpdate(masks=masks, targets=pruned.astype(jnp.float32) / sizes,
+                      pruned_units=pruned)
 
   return rule
 

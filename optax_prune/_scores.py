@@ -17,6 +17,7 @@ it, so the mask update never asks which score it runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -65,13 +66,17 @@ class Score:
     return jnp.where(old_mask, score, jnp.zeros((), score.dtype))
 
   def check(self, path: str, leaf) -> None:
-    """Traces the function abstractly on ``leaf``; a clear error if it misbehaves."""
+    """Traces the function abstractly on ``leaf``; a clear error if it misbehaves.
+
+    Leaves of one shape and dtype are traced once (a deep model has many).
+    """
     spec = jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
-    key = jax.eval_shape(lambda: jax.random.key(0))
     try:
-      out = jax.eval_shape(self.fn, spec, spec, key)
-    except Exception as e:  # Any failure here is the score's, not ours.
-      raise ValueError(f"`score` failed on leaf {path}: {e}") from e
+      out = _traced_score(self.fn, spec)
+    except TypeError:  # Unhashable: traced every time.
+      out = _traced_score.__wrapped__(self.fn, spec)
+    if isinstance(out, Exception):  # Any failure here is the score's, not ours.
+      raise ValueError(f"`score` failed on leaf {path}: {out}") from out
     if (
         not hasattr(out, "shape")
         or out.shape != spec.shape
@@ -81,6 +86,16 @@ class Score:
           f"`score` must return a floating array of the leaf's shape; for leaf"
           f" {path} of shape {spec.shape} it returned {out}."
       )
+
+
+@functools.lru_cache(maxsize=4096)
+def _traced_score(fn: ScoreFn, spec: jax.ShapeDtypeStruct) -> Any:
+  """What ``fn`` returns on ``spec`` abstractly, or the exception it raised."""
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  try:
+    return jax.eval_shape(fn, spec, spec, key)
+  except Exception as e:
+    return e
 
 
 _BUILTIN = {

@@ -213,12 +213,12 @@ def _ties_to_prune(equal_counts, remaining):
   return out
 
 
-def masks_by_bisection(
+def cuts_by_bisection(
     groups: Sequence[Sequence[jax.Array]],
     counts: Sequence[jax.Array],
     radix_bits: int = RADIX_BITS,
-) -> list[list[jax.Array]]:
-  """Keep-masks (True = kept) for independent groups; see the module docstring.
+) -> list[list[Cut]]:
+  """Cuts for independent groups by the radix search; see the module docstring.
 
   Each group is ranked on its own (one leaf per group: layer scope) and has
   ``counts[g]`` (uint32) entries pruned; all groups share one search loop.
@@ -242,7 +242,7 @@ def masks_by_bisection(
     equal = [_count(magnitude_keys(x, wide) == threshold) for x in group]
     remaining = k_group - sum(less)  # Ties at `threshold` still to prune.
     out.append([
-        _keep_mask(x, threshold, _tie_cutoff(
+        Cut(threshold, _tie_cutoff(
             x, ties, n_equal, lambda x=x, t=threshold, ties=ties: _last_tie_by_radix(
                 x, t, ties, radix_bits)))
         for x, ties, n_equal in zip(group, _ties_to_prune(equal, remaining), equal)
@@ -254,7 +254,7 @@ def _tie_cutoff(x, ties, n_equal, find_last_tie):
   """Flat index just past the ``ties``-th of the ``n_equal`` ties of ``x``.
 
   Ties (keys equal to the threshold) before it are pruned (see
-  :func:`_keep_mask`). ``find_last_tie()`` returns the flat index of the
+  :func:`keep_mask`). ``find_last_tie()`` returns the flat index of the
   ``ties``-th tie; it runs only when some ties are kept and some pruned,
   behind a ``lax.cond`` that returns a scalar.
   """
@@ -286,10 +286,23 @@ def _last_tie_by_radix(x, threshold, ties, radix_bits):
   return _radix_select(count_below, ties[None], bits, radix_bits)[0]
 
 
-def _keep_mask(x, threshold, cutoff):
-  """Prunes keys below ``threshold`` and those equal to it before ``cutoff``."""
+class Cut(NamedTuple):
+  """Where a leaf is cut: keys below ``threshold`` are pruned, and keys equal
+  to it at a row-major flat index below ``cutoff`` (ties by position).
+
+  Every method finds the same cut; a mask is written from it in one
+  elementwise pass (:func:`keep_mask`), so a kernel's output is two scalars.
+  """
+
+  threshold: jax.Array  # uint32 (uint64 for float64 keys) scalar.
+  cutoff: jax.Array  # int32 scalar, in [0, leaf size].
+
+
+def keep_mask(x: jax.Array, cut: Cut) -> jax.Array:
+  """The keep-mask of ``x`` at ``cut`` (True = kept)."""
   if x.size == 0:
     return jnp.ones(x.shape, jnp.bool_)
+  threshold, cutoff = cut
   keys = magnitude_keys(x, threshold.dtype == jnp.uint64)
   pruned = (keys < threshold) | (
       (keys == threshold) & (_flat_index(x.shape) < cutoff)
@@ -360,12 +373,12 @@ def _last_tie_by_histogram(x, key, threshold, ties):
   return last
 
 
-def masks_by_histogram(
+def cuts_by_histogram(
     groups: Sequence[Sequence[jax.Array]],
     counts: Sequence[jax.Array],
     digit_bits: int = HISTOGRAM_DIGIT_BITS,
-) -> list[list[jax.Array]]:
-  """Keep-masks by histograms of key digits; identical to ``masks_by_sort``.
+) -> list[list[Cut]]:
+  """Cuts by histograms of key digits; identical to ``cuts_by_sort``.
 
   Per group, one histogram of 2**``digit_bits`` counts per digit of the keys
   (two passes over float32 keys at 16 bits) finds the threshold key and how
@@ -396,42 +409,127 @@ def masks_by_histogram(
 
     # The branches return one scalar per leaf; the masks are written after.
     cutoffs = lax.cond((ties > 0) & (ties < equal), split_ties, whole_ties)
-    out.append([_keep_mask(x, threshold, c) for x, c in zip(group, cutoffs)])
+    out.append([Cut(threshold, c) for c in cutoffs])
   return out
 
 
-def masks_by_sort(
-    leaves: Sequence[jax.Array], k: jax.Array
-) -> list[jax.Array]:
-  """Keep-masks by the sort reference; identical to ``masks_by_bisection``.
+def cuts_by_sort(leaves: Sequence[jax.Array], k: jax.Array) -> list[Cut]:
+  """Cuts by the sort reference; identical to ``cuts_by_bisection``.
 
   A stable sort of the keys ranks every entry (ties by position: the earlier
-  leaf, then the lower flat index) and the ``k`` (uint32) first are pruned.
-  For a group of several leaves (global scope) this sorts their concatenated
-  keys: simple and obviously right, but it copies the group, and a leaf split
-  over devices is gathered whole onto each of them (an all-gather; under
-  Explicit mesh axes an explicit reshard, and the mask is resharded back).
-  ``threshold="auto"`` therefore picks it only for groups known whole on
-  each device, up to a size that depends on the backend (``AUTO_POLICIES``).
+  leaf, then the lower flat index) and the ``k`` (uint32) first are pruned:
+  the cut is the key of the ``k``-th entry in sorted order and its position
+  (the ``k`` first are exactly those at or before it, in key then position
+  order). For a group of several leaves (global scope) this sorts their
+  concatenated keys: simple and obviously right, but it copies the group,
+  and a leaf split over devices is gathered whole onto each of them (an
+  all-gather; under Explicit mesh axes an explicit reshard; the mask is
+  written from the cut on the leaf as it lies). ``threshold="auto"``
+  therefore picks it only for groups known whole on each device, up to a
+  size that depends on the backend (``AUTO_POLICIES``).
   """
-  n = sum(x.size for x in leaves)
   wide = needs_wide_keys(leaves)
-  whole, shardings = zip(*map(_placement.gathered, leaves)) if leaves else ((), ())
-  if n == 0:
-    return [jnp.ones(x.shape, jnp.bool_) for x in leaves]
-  keys = [magnitude_keys(x, wide).reshape(-1) for x in whole]
-  order = jnp.argsort(jnp.concatenate(keys) if len(keys) > 1 else keys[0], stable=True)
-  # Each entry's rank, by inverting the permutation. (A threshold read from the
-  # sorted keys with a cumulative sum over its ties lost a unit at random
-  # inside a whole jitted train step on an H200, jax 0.11.2: a rank needs no scan.)
-  rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  pruned = rank < k.astype(jnp.int32)
-  masks, offset = [], 0
-  for x, sharding in zip(leaves, shardings):
-    leaf_pruned = pruned[offset:offset + x.size].reshape(x.shape)
-    masks.append(_placement.put_back(~leaf_pruned, sharding))
+  key_type = jnp.uint64 if wide else jnp.uint32
+  if sum(x.size for x in leaves) == 0:
+    return [Cut(jnp.zeros((), key_type), jnp.int32(0)) for _ in leaves]
+  keys = [magnitude_keys(_placement.gathered(x)[0], wide).reshape(-1) for x in leaves]
+  keys = jnp.concatenate(keys) if len(keys) > 1 else keys[0]
+  order = jnp.argsort(keys, stable=True)
+  # Where the k-th entry in sorted order lies in the concatenation (a gather
+  # of one entry: no scan over the sorted keys).
+  last = order[jnp.maximum(k.astype(jnp.int32), 1) - 1]
+  pruning = k > 0
+  threshold = jnp.where(pruning, keys[last], jnp.zeros((), key_type))
+  cuts, offset = [], 0
+  for x in leaves:
+    cutoff = jnp.clip(last + 1 - offset, 0, x.size).astype(jnp.int32)
+    cuts.append(Cut(threshold, jnp.where(pruning, cutoff, 0)))
     offset += x.size
-  return masks
+  return cuts
+
+
+def cuts_of_alike_leaves(
+    leaves: Sequence[jax.Array], counts: jax.Array, method: str,
+    *, radix_bits: int = RADIX_BITS,
+) -> Cut:
+  """Cuts of leaves of one shape, dtype and placement, each ranked on its own,
+  by one instance of the ``method`` kernel.
+
+  A ``fori_loop`` over the leaves picks leaf ``j`` by a ``lax.switch`` (one
+  leaf-sized copy: no stacked operand, so the peak memory is one leaf's
+  kernel whatever the number of leaves) and runs the kernel on it; the
+  compiled program holds one kernel, not one per leaf. Returns a
+  :class:`Cut` of ``(len(leaves),)`` vectors; leaf ``j``'s mask is
+  ``keep_mask(leaves[j], Cut(threshold[j], cutoff[j]))``.
+  """
+  key_type = jnp.uint64 if needs_wide_keys(leaves[:1]) else jnp.uint32
+  counts = jnp.asarray(counts, jnp.uint32)
+  branches = [lambda x=x: x for x in leaves]
+
+  def one(j, found):
+    x = lax.switch(j, branches)
+    (cut,), = _cuts_for_counts([[x]], [counts[j]], method, radix_bits)
+    return Cut(found.threshold.at[j].set(cut.threshold),
+               found.cutoff.at[j].set(cut.cutoff))
+
+  start = Cut(jnp.zeros(len(leaves), key_type), jnp.zeros(len(leaves), jnp.int32))
+  return lax.fori_loop(0, len(leaves), one, start)
+
+
+def _cuts_for_counts(groups, counts, method, radix_bits):
+  if method == "bisect":
+    return cuts_by_bisection(groups, counts, radix_bits) if groups else []
+  if method == "histogram":
+    return cuts_by_histogram(groups, counts)
+  if method == "sort":
+    return [cuts_by_sort(group, k) for group, k in zip(groups, counts)]
+  raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
+
+
+def cuts_for_counts(
+    groups: Sequence[Sequence[jax.Array]],
+    counts: Sequence[jax.Array],
+    method: str,
+    *,
+    radix_bits: int = RADIX_BITS,
+) -> list[list[Cut]]:
+  """Cuts for independent groups, group ``g`` losing ``counts[g]`` entries.
+
+  Groups of one leaf that share a shape, dtype and placement (layer scope
+  over a deep model: its kernels of one width) are ranked by one kernel
+  instance (:func:`cuts_of_alike_leaves`); other groups each by their own,
+  or, for ``"bisect"``, by one search loop over all of them.
+
+  Args:
+    groups: groups of floating arrays; each group is ranked together.
+    counts: per group, a uint32 scalar in [0, group size].
+    method: one of ``METHODS`` (resolve ``"auto"`` with :func:`choose_method`).
+    radix_bits: bits decided per round of the radix search (``"bisect"``).
+
+  Returns:
+    Per group, one :class:`Cut` per leaf.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
+  counts = [jnp.asarray(k, jnp.uint32) for k in counts]
+  alike: dict = {}  # Type of a lone nonempty leaf -> indices of its groups.
+  for g, group in enumerate(groups):
+    if len(group) == 1 and group[0].size:
+      alike.setdefault(jax.typeof(group[0]), []).append(g)
+  out: list = [None] * len(groups)
+  for members in alike.values():
+    if len(members) > 1:
+      cut = cuts_of_alike_leaves([groups[g][0] for g in members],
+                                 jnp.stack([counts[g] for g in members]), method,
+                                 radix_bits=radix_bits)
+      for j, g in enumerate(members):
+        out[g] = [Cut(cut.threshold[j], cut.cutoff[j])]
+  rest = [g for g in range(len(groups)) if out[g] is None]
+  found = _cuts_for_counts([groups[g] for g in rest], [counts[g] for g in rest],
+                           method, radix_bits)
+  for g, cuts in zip(rest, found):
+    out[g] = cuts
+  return out
 
 
 def keep_masks_for_counts(
@@ -452,14 +550,9 @@ def keep_masks_for_counts(
   Returns:
     Per group, one bool array per leaf, True where the entry is kept.
   """
-  counts = [jnp.asarray(k, jnp.uint32) for k in counts]
-  if method == "bisect":
-    return masks_by_bisection(groups, counts, radix_bits) if groups else []
-  if method == "histogram":
-    return masks_by_histogram(groups, counts)
-  if method == "sort":
-    return [masks_by_sort(group, k) for group, k in zip(groups, counts)]
-  raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
+  cuts = cuts_for_counts(groups, counts, method, radix_bits=radix_bits)
+  return [[keep_mask(x, cut) for x, cut in zip(group, group_cuts)]
+          for group, group_cuts in zip(groups, cuts)]
 
 
 def keep_masks(

@@ -378,28 +378,33 @@ def new_masks(
   ``False`` leaves the rule out of the step and reports a due flag as skipped.
   """
   masks = list(stored)
-  targets = _per_leaf(plan, jnp.asarray(state.target_sparsity).astype(jnp.float32))
-  pruned = list(_per_leaf(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)))
+  targets = jnp.asarray(state.target_sparsity).astype(jnp.float32)
+  pruned = jnp.asarray(state.pruned_units).astype(jnp.int32)
 
   def run(schedule, sparsity):
     new = rule(schedule, sparsity, inputs())
-    return new._replace(masks=[layout.store(m) for m in new.masks])
+    return _rules.MaskUpdate(
+        [layout.store(m) for m in new.masks],
+        jnp.asarray(new.targets, jnp.float32).reshape(-1),  # A rule may give lists.
+        jnp.asarray(new.pruned_units, jnp.int32).reshape(-1))
 
   decide = _DECIDE[update_masks]
   skipped = jnp.zeros((), bool)
+  position = {i: j for j, i in enumerate(plan.pruned_indices)}  # Leaf -> vector entry.
   for schedule in plan.schedules:
     target = schedule.schedule(state.count)
     indices = [leaf.index for leaf in schedule.leaves]
-    old = _rules.MaskUpdate(*([field[i] for i in indices] for field in (masks, targets, pruned)))
+    # One gather and one scatter per schedule for the state's vectors.
+    at = jnp.asarray([position[i] for i in indices], jnp.int32)
+    old = _rules.MaskUpdate([masks[i] for i in indices], targets[at], pruned[at])
     new, skipped_here = decide(
         target.update, lambda s=schedule, x=target.sparsity: run(s, x), old)
     skipped = skipped | skipped_here
-    for field, values in zip((masks, targets, pruned), new):
-      for i, value in zip(indices, values):
-        field[i] = value
-  stack = lambda values, dtype: jnp.asarray(
-      [values[i] for i in plan.pruned_indices], dtype).reshape(-1)
-  return masks, stack(targets, jnp.float32), stack(pruned, jnp.int32), skipped
+    for i, mask in zip(indices, new.masks):
+      masks[i] = mask
+    targets = targets.at[at].set(new.targets)
+    pruned = pruned.at[at].set(new.pruned_units)
+  return masks, targets, pruned, skipped
 
 
 # How a step meets a schedule's `update` flag, by `update_masks`: each takes

@@ -1,8 +1,9 @@
 """Fingerprints of the masks that `magnitude_pruning` computes, for refactors.
 
 Runs a fixed set of configurations (score x granularity x scope x threshold x
-distribution) on the digits CNN's params for 40 Adam steps along a cubic
-schedule, hashes every mask at every step, and writes the hashes as JSON; with
+distribution) on the digits CNN's params, and a depth sweep's (threshold x
+distribution x scope) on a 28-kernel MLP whose 24 kernels of one shape share
+one kernel instance, for 40 Adam steps along a cubic schedule, hashes every mask at every step, and writes the hashes as JSON; with
 ``--compare`` it diffs two such files. Run it before and after a change that
 should not change behaviour:
 
@@ -63,11 +64,41 @@ def configurations():
   return out
 
 
+def deep_configurations():
+  """(name, kwargs) on the deep MLP (`deep_params`): many leaves of one shape,
+  ranked by one kernel instance, beside leaves of other shapes."""
+  schedule = optax_prune.polynomial_schedule(
+      0.9, begin_step=0, end_step=30, frequency=5)
+  out = [("deep-default", dict(schedule=schedule))]
+  for distribution in ("erk", "uniform"):
+    for threshold in ("sort", "bisect", "histogram"):
+      out.append((f"deep-{distribution}-{threshold}", dict(
+          schedule=schedule, distribution=distribution, threshold=threshold)))
+  out.append(("deep-global", dict(schedule=schedule, scope="global")))
+  out.append(("deep-saliency", dict(schedule=schedule, score="saliency")))
+  return out
+
+
+def deep_params():
+  """24 kernels of 16x16 (ties: a few exact zeros and repeated values) and
+  four of other shapes, with biases."""
+  rng = np.random.default_rng(0)
+  shapes = [(16, 16)] * 24 + [(16, 8), (8, 16), (16, 8), (4, 4)]
+  params = {}
+  for i, shape in enumerate(shapes):
+    kernel = np.round(rng.standard_normal(shape), 1).astype(np.float32)
+    kernel[0, :3] = 0.0
+    params[f"layer_{i:02d}"] = {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(shape[-1])}
+  return params
+
+
 def fingerprints() -> dict[str, list[str]]:
-  params = CNN().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  cnn = CNN().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
   loss = lambda p: sum(jnp.sum(jnp.sin(3.0 * x) + 0.1 * x) for x in jax.tree.leaves(p))
   result = {}
-  for name, kwargs in configurations():
+  runs = ([(name, kwargs, cnn) for name, kwargs in configurations()]
+          + [(name, kwargs, deep_params()) for name, kwargs in deep_configurations()])
+  for name, kwargs, params in runs:
     kwargs = dict(kwargs)
     if callable(kwargs.get("granularity")) and not hasattr(kwargs["granularity"], "unit_scores"):
       kwargs["granularity"] = kwargs["granularity"](params)

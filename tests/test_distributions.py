@@ -212,3 +212,14 @@ def test_erk_counts_stay_nested_when_rounding_would_shrink_a_leaf():
   assert raw[0] < first[0]  # The defect nesting repairs.
   assert all(b >= a for a, b in zip(first, later))
   assert sum(later) == sum(raw) == reference.prune_count(0.75, sum(sizes))
+
+
+@given(amount=st.integers(0, 300), room=st.lists(st.integers(0, 60), max_size=8))
+def test_fill_in_order_takes_what_fits_leaf_by_leaf(amount, room):
+  # The vector form of the sequential rule the counts are built with.
+  expected, left = [], amount
+  for r in room:
+    expected.append(min(r, left))
+    left -= expected[-1]
+  got = _distributions._fill_in_order(jnp.int32(amount), jnp.asarray(room, jnp.int32))
+  assert [int(g) for g in got] == expected

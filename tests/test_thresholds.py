@@ -191,3 +191,44 @@ def test_widened_float32_keys_are_the_float64_bits_subnormals_included():
   with jax.enable_x64(True):
     assert (np.asarray(_thresholds.magnitude_keys(jnp.asarray(nan), wide=True))
             > reference.magnitude_keys(np.float64(np.inf), wide=True)).all()
+
+
+def _cut_reference(x, k):
+  """Prunes the k smallest keys of one leaf, ties by flat index."""
+  keep = np.ones(np.size(x), bool)
+  keep[np.argsort(reference.magnitude_keys(x), kind="stable")[:k]] = False
+  return keep.reshape(np.shape(x))
+
+
+# One jitted kernel stage per method: equal shapes and leaf counts share a compile.
+_JITTED_COUNTS = {
+    method: jax.jit(functools.partial(_thresholds.keep_masks_for_counts, method=method))
+    for method in METHODS
+}
+
+
+@settings(max_examples=20)
+@given(data=st.data(), shape=st.sampled_from([(7,), (3, 4)]), n_leaves=st.integers(2, 4),
+       dtype=st.sampled_from([np.float32, jnp.bfloat16]))
+def test_alike_leaves_ranked_by_one_kernel_match_the_reference(data, shape, n_leaves, dtype):
+  # Lone leaves of one shape and dtype go through one kernel instance (a loop
+  # over them); each keeps its own count, ties, zeros and NaN as the reference.
+  leaves = [np.asarray(jnp.asarray(data.draw(hnp.arrays(
+      np.float32, shape, elements=_values))).astype(dtype)) for _ in range(n_leaves)]
+  counts = [data.draw(st.integers(0, int(np.prod(shape)))) for _ in leaves]
+  for method in METHODS:
+    got = _JITTED_COUNTS[method]([[jnp.asarray(x)] for x in leaves],
+                                 [np.uint32(k) for k in counts])
+    for (g,), x, k in zip(got, leaves, counts):
+      np.testing.assert_array_equal(g, _cut_reference(x, k), err_msg=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_alike_leaves_compile_one_kernel_instance(method):
+  # Twelve lone leaves of one shape compile to as many kernels as two do.
+  def kernels(n):
+    leaves = [[jax.ShapeDtypeStruct((16, 16), jnp.float32)] for _ in range(n)]
+    counts = [jax.ShapeDtypeStruct((), jnp.uint32)] * n
+    text = _JITTED_COUNTS[method].lower(leaves, counts).compile().as_text()
+    return text.count(" sort("), text.count(" while("), text.count(" scatter(")
+  assert kernels(12) == kernels(2)

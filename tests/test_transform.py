@@ -236,3 +236,23 @@ def test_update_masks_must_be_a_python_bool(flag):
   p = _params()
   with pytest.raises(ValueError, match="`update_masks` must be None .* True or False"):
     tx.update(p, tx.init(p), p, update_masks=flag)
+
+
+def _compiled_step_text(leaves: int, **kwargs) -> str:
+  """The optimized HLO of an adam + pruning update over `leaves` 8x8 kernels."""
+  params = {f"layer_{i:03d}": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}
+            for i in range(leaves)}
+  schedule = optax_prune.polynomial_schedule(0.9, begin_step=0, end_step=100, frequency=10)
+  tx = optax.chain(optax.adam(1e-3), optax_prune.magnitude_pruning(schedule, **kwargs))
+  step = jax.jit(lambda p, s: tx.update(p, s, p))
+  return step.lower(params, tx.init(params)).compile().as_text()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"distribution": "uniform", "threshold": "bisect"}])
+def test_compiled_step_grows_linearly_and_ranks_alike_leaves_by_one_kernel(kwargs):
+  # Deep models: the count arithmetic once on vectors (it was copied into every
+  # leaf's fusions: quadratic growth), one kernel instance for leaves of one shape.
+  small, double, deep = (_compiled_step_text(n, **kwargs) for n in (8, 16, 48))
+  assert len(double) <= 2.1 * len(small)
+  for op in (" sort(", " while(", " scatter("):
+    assert deep.count(op) == small.count(op), op
