@@ -448,32 +448,34 @@ def cuts_by_sort(leaves: Sequence[jax.Array], k: jax.Array) -> list[Cut]:
   return cuts
 
 
-def cuts_of_alike_leaves(
+def masks_of_alike_leaves(
     leaves: Sequence[jax.Array], counts: jax.Array, method: str,
     *, radix_bits: int = RADIX_BITS,
-) -> Cut:
-  """Cuts of leaves of one shape, dtype and placement, each ranked on its own,
-  by one instance of the ``method`` kernel.
+) -> list[jax.Array]:
+  """Keep-masks of leaves of one shape, dtype and placement, each ranked on
+  its own, by one instance of the ``method`` kernel.
 
   A ``fori_loop`` over the leaves picks leaf ``j`` by a ``lax.switch`` (one
-  leaf-sized copy: no stacked operand, so the peak memory is one leaf's
-  kernel whatever the number of leaves) and runs the kernel on it; the
-  compiled program holds one kernel, not one per leaf. Returns a
-  :class:`Cut` of ``(len(leaves),)`` vectors; leaf ``j``'s mask is
-  ``keep_mask(leaves[j], Cut(threshold[j], cutoff[j]))``.
+  leaf-sized copy: no stacked operand, so the kernel's temporaries are one
+  leaf's whatever the number of leaves), runs the kernel on it and writes its
+  mask into row ``j`` of one stacked bool buffer (1 byte per entry). The
+  compiled program holds one kernel and one mask writer, not one per leaf:
+  XLA compiles each distinct fusion separately (about 20 ms each on CPU), and
+  a per-leaf writer would differ from the next in which cut it reads.
   """
-  key_type = jnp.uint64 if needs_wide_keys(leaves[:1]) else jnp.uint32
   counts = jnp.asarray(counts, jnp.uint32)
   branches = [lambda x=x: x for x in leaves]
 
-  def one(j, found):
+  def one(j, masks):
     x = lax.switch(j, branches)
     (cut,), = _cuts_for_counts([[x]], [counts[j]], method, radix_bits)
-    return Cut(found.threshold.at[j].set(cut.threshold),
-               found.cutoff.at[j].set(cut.cutoff))
+    return lax.dynamic_update_index_in_dim(masks, keep_mask(x, cut), j, 0)
 
-  start = Cut(jnp.zeros(len(leaves), key_type), jnp.zeros(len(leaves), jnp.int32))
-  return lax.fori_loop(0, len(leaves), one, start)
+  sharding = _placement.explicit_sharding(leaves[0])
+  masks = jnp.zeros((len(leaves),) + tuple(leaves[0].shape), jnp.bool_, out_sharding=(
+      None if sharding is None else P(None, *sharding.spec)))
+  masks = lax.fori_loop(0, len(leaves), one, masks)
+  return [masks[j] for j in range(len(leaves))]
 
 
 def _cuts_for_counts(groups, counts, method, radix_bits):
@@ -486,18 +488,18 @@ def _cuts_for_counts(groups, counts, method, radix_bits):
   raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
 
 
-def cuts_for_counts(
+def keep_masks_for_counts(
     groups: Sequence[Sequence[jax.Array]],
     counts: Sequence[jax.Array],
     method: str,
     *,
     radix_bits: int = RADIX_BITS,
-) -> list[list[Cut]]:
-  """Cuts for independent groups, group ``g`` losing ``counts[g]`` entries.
+) -> list[list[jax.Array]]:
+  """Keep-masks for independent groups, group ``g`` losing ``counts[g]`` entries.
 
   Groups of one leaf that share a shape, dtype and placement (layer scope
   over a deep model: its kernels of one width) are ranked by one kernel
-  instance (:func:`cuts_of_alike_leaves`); other groups each by their own,
+  instance (:func:`masks_of_alike_leaves`); other groups each by their own,
   or, for ``"bisect"``, by one search loop over all of them.
 
   Args:
@@ -507,7 +509,7 @@ def cuts_for_counts(
     radix_bits: bits decided per round of the radix search (``"bisect"``).
 
   Returns:
-    Per group, one :class:`Cut` per leaf.
+    Per group, one bool array per leaf, True where the entry is kept.
   """
   if method not in METHODS:
     raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
@@ -519,40 +521,17 @@ def cuts_for_counts(
   out: list = [None] * len(groups)
   for members in alike.values():
     if len(members) > 1:
-      cut = cuts_of_alike_leaves([groups[g][0] for g in members],
-                                 jnp.stack([counts[g] for g in members]), method,
-                                 radix_bits=radix_bits)
-      for j, g in enumerate(members):
-        out[g] = [Cut(cut.threshold[j], cut.cutoff[j])]
+      masks = masks_of_alike_leaves([groups[g][0] for g in members],
+                                    jnp.stack([counts[g] for g in members]), method,
+                                    radix_bits=radix_bits)
+      for g, mask in zip(members, masks):
+        out[g] = [mask]
   rest = [g for g in range(len(groups)) if out[g] is None]
-  found = _cuts_for_counts([groups[g] for g in rest], [counts[g] for g in rest],
-                           method, radix_bits)
-  for g, cuts in zip(rest, found):
-    out[g] = cuts
+  cuts = _cuts_for_counts([groups[g] for g in rest], [counts[g] for g in rest],
+                          method, radix_bits)
+  for g, group_cuts in zip(rest, cuts):
+    out[g] = [keep_mask(x, cut) for x, cut in zip(groups[g], group_cuts)]
   return out
-
-
-def keep_masks_for_counts(
-    groups: Sequence[Sequence[jax.Array]],
-    counts: Sequence[jax.Array],
-    method: str,
-    *,
-    radix_bits: int = RADIX_BITS,
-) -> list[list[jax.Array]]:
-  """Keep-masks for independent groups, group ``g`` losing ``counts[g]`` entries.
-
-  Args:
-    groups: groups of floating arrays; each group is ranked together.
-    counts: per group, a uint32 scalar in [0, group size].
-    method: one of ``METHODS`` (resolve ``"auto"`` with :func:`choose_method`).
-    radix_bits: bits decided per round of the radix search (``"bisect"``).
-
-  Returns:
-    Per group, one bool array per leaf, True where the entry is kept.
-  """
-  cuts = cuts_for_counts(groups, counts, method, radix_bits=radix_bits)
-  return [[keep_mask(x, cut) for x, cut in zip(group, group_cuts)]
-          for group, group_cuts in zip(groups, cuts)]
 
 
 def keep_masks(
