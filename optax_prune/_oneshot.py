@@ -7,6 +7,8 @@ ranked within each output feature, as Wanda does, instead of per leaf.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import math
 from typing import Any, Optional, Union
@@ -135,12 +137,38 @@ def prune(
     state = tx.init(ranked_tree)
     if grads is None:
       grads = jax.tree.map(jnp.zeros_like, ranked_tree)
-    _, state = jax.jit(tx.update)(grads, state, ranked_tree)
+    _, state = _compiled_update(config, tx)(grads, state, ranked_tree)
     masks = state.masks
   mask_leaves = plan.treedef.flatten_up_to(masks)
   pruned = [jnp.where(m, x, jnp.zeros((), x.dtype)) if p else x
             for m, x, p in zip(mask_leaves, leaves, plan.pruned)]
   return plan.treedef.unflatten(pruned), masks
+
+
+# Jitted mask updates by the value of their config: calls with equal options
+# and params of equal shapes (iterative pruning, a sweep) compile once.
+_COMPILED: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
+_COMPILED_MAX = 16
+
+
+def _compiled_update(config: _config.PruningConfig, tx) -> Any:
+  """``jax.jit(tx.update)``, shared by the calls whose configs are equal."""
+  fields = []
+  for field in dataclasses.fields(config):
+    leaves, treedef = jax.tree_util.tree_flatten(
+        getattr(config, field.name), is_leaf=lambda x: x is None)
+    fields.append((treedef, tuple(leaves)))
+  key = tuple(fields)
+  try:
+    hash(key)
+  except TypeError:  # An unhashable option (a list of rules, say): no sharing.
+    return jax.jit(tx.update)
+  if key not in _COMPILED:
+    _COMPILED[key] = jax.jit(tx.update)
+    while len(_COMPILED) > _COMPILED_MAX:
+      _COMPILED.popitem(last=False)
+  _COMPILED.move_to_end(key)
+  return _COMPILED[key]
 
 
 def _norms_for(plan: _plan.Plan, input_norms: Optional[dict]) -> list:

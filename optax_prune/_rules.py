@@ -239,6 +239,7 @@ def prune_coupled(groups: Sequence[Any], channel_scores: Callable) -> MaskRule:
       scores[i] = plan.score(inputs.params[i], signal, inputs.masks[i],
                              _scores.leaf_key(inputs.key, i))
     keeps = {leaf.index: [] for leaf in plan.leaves}
+    ranked, counts = [], []
     for group in groups:
       members = [(leaves[view[0]].index, view) for view in group.views()]
       unit = sum(channel_scores(scores[i], view) for i, view in members)
@@ -246,13 +247,15 @@ def prune_coupled(groups: Sequence[Any], channel_scores: Callable) -> MaskRule:
           jnp.any(mask, axis=_other_axes(mask, axis)) for mask, axis in (
               _coupling.channel_view(inputs.masks[i], *view[1:])
               for i, view in members)])
-      count = jnp.maximum(
+      counts.append(jnp.maximum(
           _distributions.prune_count(sparsity, group.size),
-          (group.size - jnp.sum(kept_before, dtype=jnp.int32)).astype(jnp.uint32))
-      (keep,), = _thresholds.keep_masks_for_counts(
-          [[ranked_within(kept_before, unit)]], [count], "sort")
-      for i, view in members:
-        keeps[i].append((view, keep))
+          (group.size - jnp.sum(kept_before, dtype=jnp.int32)).astype(jnp.uint32)))
+      ranked.append([ranked_within(kept_before, unit)])
+    # One call: groups of one width share one kernel instance.
+    found = _thresholds.keep_masks_for_counts(ranked, counts, "sort")
+    for group, (keep,) in zip(groups, found):
+      for view in group.views():
+        keeps[leaves[view[0]].index].append((view, keep))
     masks = []
     for leaf in plan.leaves:
       mask = jnp.ones(leaf.shape, bool)

@@ -9,6 +9,7 @@ a total budget at the smallest loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -18,28 +19,14 @@ import numpy as np
 
 from optax_prune import _checks
 from optax_prune import _config
+from optax_prune import _distributions
+from optax_prune import _placement
 from optax_prune import _plan
-from optax_prune import _schedules
+from optax_prune import _scores
 from optax_prune import _tables
-from optax_prune import _transform
+from optax_prune import _thresholds
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Sweep:
-  """A schedule whose sparsity is ``sparsities[step]``, always updating.
-
-  The step count of a fresh state picks the sparsity, so one compiled
-  ``update`` serves a whole sweep of a leaf.
-  """
-
-  sparsities: tuple[float, ...]
-
-  def __call__(self, step):
-    table = jnp.asarray(self.sparsities, jnp.float32)
-    return _schedules.PruningTarget(table[jnp.clip(step, 0, len(self.sparsities) - 1)],
-                                    jnp.ones((), bool))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +82,7 @@ def sensitivity(
   (exactly :math:`\mathrm{round}(s \cdot n)` of its units, as the
   transformation does; the other leaves dense) and
   :math:`\mathrm{evaluate}(\text{params}) - \mathrm{evaluate}(\text{dense})`
-  is recorded. One compile per leaf: the sparsity is read from the step.
+  is recorded. One compile per leaf shape: the sparsity is an argument.
 
   Args:
     params: trained params.
@@ -124,29 +111,43 @@ def sensitivity(
                                score=score, threshold=threshold)
   plan = _plan.make_plan(config, params)
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  grads = jax.tree.map(jnp.zeros_like, params)
+  leaves = [leaf for _, leaf in path_leaves]
   baseline = float(evaluate(params))
-  sweep = _Sweep(sparsities)
-  indices = plan.pruned_indices
-  bar = _progress(progress, len(indices) * len(sparsities))
+  bar = _progress(progress, len(plan.pruned_indices) * len(sparsities))
   losses, sizes = {}, {}
-  for i in indices:
-    schedule = treedef.unflatten([sweep if j == i else None for j in range(len(path_leaves))])
-    tx = _transform.magnitude_pruning(schedule, where=where, granularity=granularity,
-                                      score=score, threshold=threshold)
-    update = jax.jit(tx.update)
-    state = tx.init(params)
-    path = jax.tree_util.keystr(path_leaves[i][0])
+  for group in (g for schedule in plan.schedules for g in schedule.groups):
+    (leaf,) = group.leaves  # Layer scope: a group is one leaf.
     row = []
-    for k in range(len(sparsities)):
-      pruned_updates, _ = update(grads, state._replace(count=jnp.int32(k)), params)
-      # The updates land pruned entries on exactly 0 and leave the rest.
-      row.append(float(evaluate(jax.tree.map(jnp.add, params, pruned_updates))) - baseline)
+    for k, s in enumerate(sparsities):
+      pruned = _pruned_leaf(leaves[leaf.index], jnp.float32(s), jnp.int32(leaf.index),
+                            jnp.int32(k), granularity=leaf.granularity,
+                            score=config.score, method=group.method, seed=config.seed)
+      row.append(float(evaluate(treedef.unflatten(
+          [pruned if j == leaf.index else x for j, x in enumerate(leaves)]))) - baseline)
       bar.update(1)
-    losses[path] = tuple(row)
-    sizes[path] = math.prod(np.shape(path_leaves[i][1]))
+    losses[leaf.path] = tuple(row)
+    sizes[leaf.path] = math.prod(leaf.shape)
   bar.close()
   return SensitivityReport(baseline, sparsities, losses, sizes)
+
+
+@functools.partial(jax.jit, static_argnames=("granularity", "score", "method", "seed"))
+def _pruned_leaf(x, sparsity, index, count, *, granularity, score, method, seed):
+  """``x`` with exactly ``round(s * units)`` units pruned to 0, as a mask
+  update of ``magnitude_pruning`` ranks it at step ``count`` (its score's key
+  from ``seed``, ``count`` and the leaf's ``index``). One compile per leaf
+  shape and options, whatever the number of leaves."""
+  key = _scores.leaf_key(_scores.step_key(seed, count), index)
+  scores = score(x, jnp.zeros_like(x), jnp.ones(x.shape, bool), key)
+  if granularity.needs_whole_leaf:
+    scores, sharding = _placement.gathered(scores)
+  else:
+    sharding = None
+  units = granularity.unit_scores(scores)
+  prune = _distributions.prune_count(_distributions.clip_sparsity(sparsity), units.size)
+  (keep,), = _thresholds.keep_masks_for_counts([[units]], [prune], method)
+  mask = _placement.put_back(granularity.expand(keep, scores), sharding)
+  return jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
 class _NoBar:

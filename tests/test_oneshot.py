@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import optax_prune
+from optax_prune import _oneshot
 from tests import helpers
 from tests import reference
 
@@ -108,3 +109,16 @@ def test_iterative_pruning_with_rewinding_keeps_masks_nested_and_counts_exact():
     params, kept = train(rewound, sparsity, 4)
     jax.tree.map(np.testing.assert_array_equal, kept, masks)  # Masks held while training.
     previous = jax.tree.map(np.asarray, masks)
+
+
+def test_calls_with_equal_options_and_shapes_compile_once():
+  # Iterative pruning and sweeps call `prune` many times: one compile.
+  rng = np.random.default_rng(3)
+  params = [{"w": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)} for _ in range(3)]
+  before = len(_oneshot._COMPILED)
+  for p in params:
+    _, masks = optax_prune.prune(p, 0.4, threshold="bisect", scope="global")
+    assert int((~masks["w"]).sum()) == reference.prune_count(0.4, 30)
+  assert len(_oneshot._COMPILED) == before + 1
+  (update,) = [u for u in _oneshot._COMPILED.values()][-1:]
+  assert update._cache_size() == 1

@@ -120,3 +120,16 @@ def test_a_tiny_target_takes_part_of_the_first_segment_only():
   for target in (5e-324, 1e-12, 0.0):
     chosen = optax_prune.sparsities_for_budget(report, target)
     assert chosen == {"l0": 0.0, "l1": 0.0}
+
+
+def test_leaves_of_one_shape_share_one_compile():
+  # A deep model's sweep compiles once per leaf shape, not once per leaf.
+  rng = np.random.default_rng(5)
+  params = {f"l{i}": jnp.asarray(rng.standard_normal((7, 9)), jnp.float32) for i in range(4)}
+  before = _sensitivity._pruned_leaf._cache_size()
+  report = optax_prune.sensitivity(params, lambda p: float(sum(jnp.sum(x**2) for x in p.values())),
+                                   [0.5], where=lambda path, x: True)
+  assert _sensitivity._pruned_leaf._cache_size() == before + 1
+  for path, (loss,) in report.losses.items():  # The 32 smallest squares of each leaf are gone.
+    x = np.asarray(params[path[2:-2]], np.float64).reshape(-1)
+    assert np.isclose(loss, -np.sort(x**2)[:reference.prune_count(0.5, 63)].sum(), rtol=1e-5)
