@@ -18,3 +18,6 @@ python3 -m benchmarks.step_overhead --sparse-training --repeats 200 --batch-size
 # Shrunk models: forward time of the dense and the channel-pruned, shrunk models (short training).
 python3 -m benchmarks.shrink --quick --repeats 50 \
   --out "$OUT/shrink_gpu.json" --plot "$OUT/shrink_gpu.png" 2>&1 | grep -v 'it/s\|s/it'
+# Compile time of the train step against adam's at depth (fresh process each; 120 s limit each).
+python3 -m benchmarks.compile_time --repeats 20 --limit 120 \
+  --out "$OUT/compile_time_gpu.json" --plot "$OUT/compile_time_gpu.png" 2>&1 | grep -v 'it/s\|s/it'

@@ -106,19 +106,7 @@ def prune_count(sparsity: jax.Array, n) -> jax.Array:
   half = (twice & 1) == 1
   # Above one half: round up; exactly one half: round to even.
   count = jnp.where(half & (sticky | ((base & 1) == 1)), base + 1, base)
-  return _computed_once(
-      jnp.broadcast_to(count, jnp.broadcast_shapes(jnp.shape(bits), sizes.shape)))
-
-
-def _computed_once(x: jax.Array) -> jax.Array:
-  """``x``, computed once where it is read several times.
-
-  XLA copies a chain of cheap elementwise operations into every fusion that
-  reads its result; the count arithmetic is a long such chain, read by every
-  leaf's kernel and by the next stage, so its copies made the compiled
-  program grow with (leaves x chain). The barrier keeps one copy.
-  """
-  return lax.optimization_barrier(x)
+  return jnp.broadcast_to(count, jnp.broadcast_shapes(jnp.shape(bits), sizes.shape))
 
 
 def erk_ratio(shape: Sequence[int]) -> float:
@@ -154,10 +142,10 @@ def erk_densities(sizes, ratios, sparsity) -> jax.Array:
   density_sorted = jnp.where(
       position < j, 1.0, jnp.clip(epsilon[j] * jnp.asarray(r, jnp.float32), 0.0, 1.0)
   )
-  return _computed_once(density_sorted[jnp.asarray(np.argsort(order))])
+  return density_sorted[jnp.asarray(np.argsort(order))]
 
 
-def _fill_in_order(amount: jax.Array, room: jax.Array) -> jax.Array:
+def fill_in_order(amount: jax.Array, room: jax.Array) -> jax.Array:
   """Shares of ``amount`` (int32 scalar >= 0) taken by the entries of ``room``
   (int32 vector >= 0) in order, each as much as it has room for.
 
@@ -166,7 +154,7 @@ def _fill_in_order(amount: jax.Array, room: jax.Array) -> jax.Array:
   grow with the number of entries, where a loop over them in Python would be
   copied by XLA into every fusion that reads a count.
   """
-  before = jnp.cumsum(room) - room
+  before = jnp.cumsum(room, dtype=jnp.int32) - room
   return jnp.clip(amount - before, 0, room)
 
 
@@ -193,7 +181,7 @@ def erk_prune_counts(
   # leaf whole, which no one asked for.
   counts = jnp.minimum(prune_count(1.0 - densities, sizes).astype(jnp.int32),
                        jnp.maximum(n - 1, 0))
-  residual = total - jnp.sum(counts)
+  residual = total - jnp.sum(counts, dtype=jnp.int32)
   sparse = densities < 1.0
   # Passes, each taking what fits, leaf by leaf in order: leaves that are not
   # dense (so dense ones stay dense) keeping one unit, then any leaf keeping
@@ -201,9 +189,9 @@ def erk_prune_counts(
   for allowed, keep in ((sparse, 1), (True, 1), (True, 0)):
     up = jnp.where(allowed, jnp.maximum(n - keep - counts, 0), 0)
     down = jnp.where(allowed, counts, 0)
-    step = (_fill_in_order(jnp.maximum(residual, 0), up)
-            - _fill_in_order(jnp.maximum(-residual, 0), down))
-    counts, residual = _computed_once((counts + step, residual - jnp.sum(step)))
+    step = (fill_in_order(jnp.maximum(residual, 0), up)
+            - fill_in_order(jnp.maximum(-residual, 0), down))
+    counts, residual = counts + step, residual - jnp.sum(step, dtype=jnp.int32)
   return counts.astype(jnp.uint32)
 
 
@@ -219,11 +207,11 @@ def nested_counts(counts, pruned) -> jax.Array:
   """
   counts = jnp.asarray(counts).astype(jnp.int32).reshape(-1)
   pruned = jnp.asarray(pruned).astype(jnp.int32).reshape(-1)
-  rising = jnp.sum(counts) >= jnp.sum(pruned)
+  rising = jnp.sum(counts, dtype=jnp.int32) >= jnp.sum(pruned, dtype=jnp.int32)
   floors = jnp.where(rising, pruned, 0)
   raised = jnp.maximum(counts, floors)
-  excess = jnp.sum(raised) - jnp.sum(counts)
-  return _computed_once((raised - _fill_in_order(excess, raised - floors)).astype(jnp.uint32))
+  excess = jnp.sum(raised, dtype=jnp.int32) - jnp.sum(counts, dtype=jnp.int32)
+  return (raised - fill_in_order(excess, raised - floors)).astype(jnp.uint32)
 
 
 class Distribution(Protocol):

@@ -204,13 +204,16 @@ def _count_below_each(x: jax.Array, candidates: jax.Array) -> jax.Array:
 
 
 def _ties_to_prune(equal_counts, remaining):
-  """Splits ``remaining`` ties over leaves in order: earlier leaves first."""
-  out = []
-  for equal in equal_counts:
-    take = jnp.minimum(equal, remaining)
-    out.append(take)
-    remaining = remaining - take
-  return out
+  """Splits ``remaining`` ties over leaves in order: earlier leaves first.
+
+  One vector operation over the leaves (``fill_in_order``; counts fit int32),
+  not a chain through them that XLA would copy into every leaf's fusions.
+  """
+  if len(equal_counts) < 2:
+    return [jnp.minimum(equal, remaining) for equal in equal_counts]
+  take = _distributions.fill_in_order(
+      remaining.astype(jnp.int32), jnp.stack(equal_counts).astype(jnp.int32))
+  return list(take.astype(jnp.uint32))
 
 
 def cuts_by_bisection(
@@ -240,7 +243,9 @@ def cuts_by_bisection(
   for group, threshold, k_group in zip(groups, thresholds, k):
     less = [_count(magnitude_keys(x, wide) < threshold) for x in group]
     equal = [_count(magnitude_keys(x, wide) == threshold) for x in group]
-    remaining = k_group - sum(less)  # Ties at `threshold` still to prune.
+    # Ties at `threshold` still to prune.
+    remaining = k_group - (jnp.sum(jnp.stack(less), dtype=jnp.uint32) if less
+                           else jnp.uint32(0))
     out.append([
         Cut(threshold, _tie_cutoff(
             x, ties, n_equal, lambda x=x, t=threshold, ties=ties: _last_tie_by_radix(

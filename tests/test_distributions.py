@@ -221,5 +221,5 @@ def test_fill_in_order_takes_what_fits_leaf_by_leaf(amount, room):
   for r in room:
     expected.append(min(r, left))
     left -= expected[-1]
-  got = _distributions._fill_in_order(jnp.int32(amount), jnp.asarray(room, jnp.int32))
+  got = _distributions.fill_in_order(jnp.int32(amount), jnp.asarray(room, jnp.int32))
   assert [int(g) for g in got] == expected
