@@ -231,6 +231,7 @@ def run_one(model: str, depth: int, link: str, repeats: int) -> dict:
               params=int(sum(v.size for v in jax.tree.leaves(params))),
               lower_s=lower_s, compile_s=compile_s, compile_rss_rise_mb=memory.rise / 2**20,
               hlo_chars=len(compiled.as_text()),
+              temp_mb=compiled.memory_analysis().temp_size_in_bytes / 2**20,
               step_ms=timings["no_update"] * 1e3,
               update_step_ms=timings.get("update", float("nan")) * 1e3,
               jax=jax.__version__, source=str(pathlib.Path(optax_prune.__file__).parent.parent))
@@ -248,8 +249,15 @@ def _masks(opt_state):
 # --------------------------------------------------------------------------
 # The parent: one fresh process per configuration.
 
-def configurations(quick: bool) -> list[tuple[str, int, str]]:
-  depths = (8, 16) if quick else DEPTHS
+def configurations(quick: bool, depths: Optional[Sequence[int]] = None,
+                   links: Optional[Sequence[str]] = None) -> list[tuple[str, int, str]]:
+  """The sweep: adam and the defaults at every depth, every link at the
+  deepest, and the CNN and transformer. ``depths`` and ``links`` narrow it to
+  the MLP at those depths with those links (adam always included)."""
+  if depths or links:
+    chosen = ["adam"] + [k for k in (links or ("default",)) if k != "adam"]
+    return [("mlp", d, link) for d in (depths or DEPTHS) for link in chosen]
+  depths = (2, 4) if quick else DEPTHS
   out = [("mlp", d, link) for d in depths for link in ("adam", "default")]
   deepest = depths[-1]
   links = ("uniform", "rigl") if quick else [k for k in LINKS if k not in ("adam", "default")]
@@ -338,11 +346,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_time")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--quick", action="store_true",
-                      help="depths 8 and 16 and two other links (the smoke test)")
+                      help="depths 2 and 4 and two other links (the smoke test)")
   parser.add_argument("--repeats", type=int, default=20, help="step timings (minimum)")
   parser.add_argument("--limit", type=float, default=300.0,
                       help="seconds per configuration before 'did not finish'")
   parser.add_argument("--source", help="import optax_prune from this checkout")
+  parser.add_argument("--depths", type=int, nargs="*", help="only the MLP at these depths")
+  parser.add_argument("--links", nargs="*", choices=list(LINKS), help="only these links")
   parser.add_argument("--out", default=str(_common.RESULTS / "compile_time.json"))
   parser.add_argument("--plot", default=str(_common.RESULTS / "compile_time.png"))
   args = parser.parse_args(argv)
@@ -352,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
 
   from tqdm import tqdm
   records = []
-  progress = tqdm(configurations(args.quick), desc="configurations")
+  progress = tqdm(configurations(args.quick, args.depths, args.links), desc="configurations")
   for model, depth, link in progress:
     progress.set_postfix_str(f"{model} {depth or ''} {link}")
     records.append(run_child(model, depth, link, args.repeats, args.limit, args.source))

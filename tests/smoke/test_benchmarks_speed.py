@@ -6,6 +6,7 @@ No timing is asserted here: targets are read off the benchmark output.
 import json
 import math
 
+from benchmarks import compile_time
 from benchmarks import mask_update
 from benchmarks import step_overhead
 
@@ -34,3 +35,22 @@ def test_step_overhead_writes_ratios(tmp_path):
   for r in records:
     assert r["ratio"] == r["pruned_seconds"] / r["adam_seconds"] > 0
     assert r["static_ratio"] == r["static_seconds"] / r["adam_seconds"] > 0
+
+
+def test_compile_time_runs_fresh_processes_and_reports_targets(tmp_path):
+  out, png = tmp_path / "compile.json", tmp_path / "compile.png"
+  compile_time.main(["--quick", "--repeats", "1", "--out", str(out), "--plot", str(png)])
+  payload = json.loads(out.read_text())
+  assert png.stat().st_size > 0
+  records = {(r["model"], r["depth"], r["link"]): r for r in payload["records"]}
+  assert set(records) == {("mlp", 2, "adam"), ("mlp", 2, "default"), ("mlp", 4, "adam"),
+                          ("mlp", 4, "default"), ("mlp", 4, "uniform"), ("mlp", 4, "rigl")}
+  for (_, depth, link), r in records.items():
+    assert r["status"] == "ok", r
+    assert r["pruned_leaves"] == (0 if link == "adam" else depth)
+    assert r["compile_s"] > 0 and r["hlo_chars"] > 0 and r["step_ms"] > 0
+  targets = {t["target"] for t in payload["targets"]}
+  assert "default compile growth 2 -> 4 leaves <= 2.2x" in targets
+  # A configuration past its limit is reported, not waited for.
+  assert compile_time.run_child("mlp", 2, "default", 1, 0.01, None)["status"].startswith(
+      "did not finish")
