@@ -257,14 +257,12 @@ def configurations(quick: bool, depths: Optional[Sequence[int]] = None,
   if depths or links:
     chosen = ["adam"] + [k for k in (links or ("default",)) if k != "adam"]
     return [("mlp", d, link) for d in (depths or DEPTHS) for link in chosen]
-  depths = (2, 4) if quick else DEPTHS
-  out = [("mlp", d, link) for d in depths for link in ("adam", "default")]
-  deepest = depths[-1]
-  links = ("uniform", "rigl") if quick else [k for k in LINKS if k not in ("adam", "default")]
-  out += [("mlp", deepest, link) for link in links]
-  if not quick:
-    out += [(m, 0, link) for m in ("resnet50", "transformer12")
-            for link in ("adam", "default", "uniform", "erk-histogram")]
+  if quick:  # What the targets need, at the smallest depths: adam, the defaults' growth.
+    return [("mlp", 2, "default"), ("mlp", 4, "adam"), ("mlp", 4, "default")]
+  out = [("mlp", d, link) for d in DEPTHS for link in ("adam", "default")]
+  out += [("mlp", DEPTHS[-1], link) for link in LINKS if link not in ("adam", "default")]
+  out += [(m, 0, link) for m in ("resnet50", "transformer12")
+          for link in ("adam", "default", "uniform", "erk-histogram")]
   return out
 
 
@@ -317,18 +315,30 @@ def targets(records: Sequence[dict]) -> list[tuple[str, bool, str]]:
   return out
 
 
-def plot(records: Sequence[dict], path: pathlib.Path) -> None:
+def plot(records: Sequence[dict], path: pathlib.Path,
+         before: Optional[Sequence[dict]] = None) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(8, 4))
   for link in ("adam", "default"):
     points = sorted((r["pruned_leaves"] if link != "adam" else r["depth"], r["compile_s"])
                     for r in records if r.get("status") == "ok" and r["model"] == "mlp"
                     and r["link"] == link)
     if points:
       ax.loglog(*zip(*points), "o-", label=link)
+  if before:  # An older checkout's defaults, with "did not finish" at its limit.
+    done = sorted((r["depth"], r["compile_s"]) for r in before
+                  if r["model"] == "mlp" and r["link"] == "default" and r.get("status") == "ok")
+    if done:
+      ax.loglog(*zip(*done), "s--", color="tab:red", label="default, before")
+    unfinished = [r["depth"] for r in before if r["model"] == "mlp" and r["link"] == "default"
+                  and r.get("status", "").startswith("did not finish")]
+    if unfinished:
+      limit = float(before_limit(before))
+      ax.loglog(unfinished, [limit] * len(unfinished), "^", color="tab:red",
+                label=f"before: did not finish in {limit:.0f} s")
   deepest = [r for r in records if r.get("status") == "ok" and r["model"] == "mlp"
              and r["link"] not in ("adam", "default")]
   if deepest:
@@ -337,22 +347,31 @@ def plot(records: Sequence[dict], path: pathlib.Path) -> None:
   ax.set_xlabel("pruned leaves (MLP of 256x256 kernels)")
   ax.set_ylabel("train step compile time (s)")
   ax.set_title("Compile time against depth (CPU)")
-  ax.legend()
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
   ax.grid(True, which="both", alpha=0.3)
   _common.save_figure(fig, path)
+
+
+def before_limit(records: Sequence[dict]) -> float:
+  """The time limit written in a "did not finish in N s" status."""
+  for r in records:
+    if r.get("status", "").startswith("did not finish in "):
+      return float(r["status"].split()[4])
+  return float("nan")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_time")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--quick", action="store_true",
-                      help="depths 2 and 4 and two other links (the smoke test)")
+                      help="adam and the defaults at depths 2 and 4 (the smoke test)")
   parser.add_argument("--repeats", type=int, default=20, help="step timings (minimum)")
   parser.add_argument("--limit", type=float, default=300.0,
                       help="seconds per configuration before 'did not finish'")
   parser.add_argument("--source", help="import optax_prune from this checkout")
   parser.add_argument("--depths", type=int, nargs="*", help="only the MLP at these depths")
   parser.add_argument("--links", nargs="*", choices=list(LINKS), help="only these links")
+  parser.add_argument("--before", help="a JSON of an earlier run (--source), drawn in the plot")
   parser.add_argument("--out", default=str(_common.RESULTS / "compile_time.json"))
   parser.add_argument("--plot", default=str(_common.RESULTS / "compile_time.png"))
   args = parser.parse_args(argv)
@@ -378,7 +397,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                       ["target", "met", "figures"]))
   _common.write_json(pathlib.Path(args.out), records, schedule=SCHEDULE,
                      targets=[dict(target=t, met=m, figures=f) for t, m, f in checks])
-  plot(records, pathlib.Path(args.plot))
+  before = json.loads(pathlib.Path(args.before).read_text())["records"] if args.before else None
+  plot(records, pathlib.Path(args.plot), before)
   return records
 
 

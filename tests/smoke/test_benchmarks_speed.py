@@ -43,14 +43,14 @@ def test_compile_time_runs_fresh_processes_and_reports_targets(tmp_path):
   payload = json.loads(out.read_text())
   assert png.stat().st_size > 0
   records = {(r["model"], r["depth"], r["link"]): r for r in payload["records"]}
-  assert set(records) == {("mlp", 2, "adam"), ("mlp", 2, "default"), ("mlp", 4, "adam"),
-                          ("mlp", 4, "default"), ("mlp", 4, "uniform"), ("mlp", 4, "rigl")}
+  assert set(records) == {("mlp", 2, "default"), ("mlp", 4, "adam"), ("mlp", 4, "default")}
   for (_, depth, link), r in records.items():
     assert r["status"] == "ok", r
     assert r["pruned_leaves"] == (0 if link == "adam" else depth)
     assert r["compile_s"] > 0 and r["hlo_chars"] > 0 and r["step_ms"] > 0
   targets = {t["target"] for t in payload["targets"]}
-  assert "default compile growth 2 -> 4 leaves <= 2.2x" in targets
+  assert {"default compile growth 2 -> 4 leaves <= 2.2x",
+          "mlp-4 default: compile <= 3x adam + 1 s"} <= targets
   # A configuration past its limit is reported, not waited for.
   assert compile_time.run_child("mlp", 2, "default", 1, 0.01, None)["status"].startswith(
       "did not finish")
