@@ -21,7 +21,7 @@ Methods:
 
 * ``"sort"`` (reference): a stable sort of the keys (of a group: their
   concatenation) ranks every entry; the ``k`` first are pruned. Memory: a
-  permutation and a rank (int32) per entry.
+  permutation (int32) per entry beside the keys.
 * ``"bisect"``: finds the threshold key by a radix search over its 31
   (float64: 63) bits, each round counting entries below a candidate with one
   reduction over the parameters; all groups share one search loop. On GPU XLA
@@ -38,6 +38,12 @@ Methods:
   (2**16 and 2**15 integers per group, never a leaf). 3.1-4.3x faster than bisect on
   CPU at 1e7-3e7 entries (benchmarks/RESULTS.md, section 2).
 * ``"auto"``: per group and backend, :func:`choose_method`.
+
+Each method finds a :class:`Cut` per leaf (a threshold key and a tie cutoff);
+the mask is written from it in one elementwise pass. Lone leaves of one shape,
+dtype and placement (layer scope over a deep model) are ranked by one kernel
+instance, a loop over them (:func:`masks_of_alike_leaves`): the compiled
+program does not grow with the number of such leaves.
 """
 
 from __future__ import annotations
