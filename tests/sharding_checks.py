@@ -62,6 +62,8 @@ SCHEDULE = optax_prune.polynomial_schedule(
 LEAVES = {
     "embed": ((512, 32), P(("data", "model"), None)),  # FSDP: largest axis.
     "mlp": ((32, 128), P("data", "model")),  # 2D.
+    # Its twin (one shape and placement): both ranked by one kernel in a loop.
+    "mlp_twin": ((32, 128), P("data", "model")),
     # Under 2048 entries and split on "model", replicated over "data":
     # threshold="auto" must not sort it (a sort gathers).
     "small_split": ((16, 64), P(None, "model")),
