@@ -252,12 +252,10 @@ def cuts_by_bisection(
     # Ties at `threshold` still to prune.
     remaining = k_group - (jnp.sum(jnp.stack(less), dtype=jnp.uint32) if less
                            else jnp.uint32(0))
-    out.append([
-        Cut(threshold, _tie_cutoff(
-            x, ties, n_equal, lambda x=x, t=threshold, ties=ties: _last_tie_by_radix(
-                x, t, ties, radix_bits)))
-        for x, ties, n_equal in zip(group, _ties_to_prune(equal, remaining), equal)
-    ])
+    cutoff = lambda x, ties, n_equal, t=threshold: _tie_cutoff(
+        x, ties, n_equal, lambda: _last_tie_by_radix(x, t, ties, radix_bits))
+    out.append([Cut(threshold, c) for c in _per_alike_leaf(
+        cutoff, group, _ties_to_prune(equal, remaining), equal)])
   return out
 
 
@@ -410,10 +408,12 @@ def cuts_by_histogram(
                    equal=equal):
       per_leaf = ([equal] if len(group) == 1 else
                   [_count(key == threshold) for key in keys])
-      return [_tie_cutoff(x, t, n, lambda x=x, key=key, t=t: _last_tie_by_histogram(
-                  x, key, threshold, t))
-              for x, key, t, n in zip(group, keys, _ties_to_prune(per_leaf, ties),
-                                      per_leaf)]
+
+      def cutoff(x, t, n):
+        key = magnitude_keys(x, wide)
+        return _tie_cutoff(x, t, n, lambda: _last_tie_by_histogram(x, key, threshold, t))
+
+      return _per_alike_leaf(cutoff, group, _ties_to_prune(per_leaf, ties), per_leaf)
 
     def whole_ties(group=group, ties=ties):
       return [_cutoff_all(x, ties) for x in group]
@@ -421,6 +421,32 @@ def cuts_by_histogram(
     # The branches return one scalar per leaf; the masks are written after.
     cutoffs = lax.cond((ties > 0) & (ties < equal), split_ties, whole_ties)
     out.append([Cut(threshold, c) for c in cutoffs])
+  return out
+
+
+def _per_alike_leaf(fn, leaves: Sequence[jax.Array], *scalars: Sequence[jax.Array]) -> list:
+  """``[fn(x, *their scalars) for each leaf]`` (int32 scalars), with leaves of
+  one shape, dtype and placement run by one instance of ``fn`` in a loop that
+  picks each by a ``lax.switch`` (a group of many alike leaves: global scope
+  over a deep model)."""
+  out: list = [None] * len(leaves)
+  alike: dict = {}
+  for i, x in enumerate(leaves):
+    alike.setdefault(jax.typeof(x) if x.size else i, []).append(i)
+  for members in alike.values():
+    if len(members) == 1:
+      (i,) = members
+      out[i] = fn(leaves[i], *(s[i] for s in scalars))
+      continue
+    branches = [lambda x=leaves[i]: x for i in members]
+    columns = [jnp.stack([s[i] for i in members]) for s in scalars]
+
+    def one(j, found, branches=branches, columns=columns):
+      return found.at[j].set(fn(lax.switch(j, branches), *(c[j] for c in columns)))
+
+    found = lax.fori_loop(0, len(members), one, jnp.zeros(len(members), jnp.int32))
+    for j, i in enumerate(members):
+      out[i] = found[j]
   return out
 
 
