@@ -15,9 +15,17 @@ SCRIPT = pathlib.Path(__file__).parent / "checkpoint_run.py"
 ROOT = SCRIPT.parent.parent
 
 
+def _start(*args) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT)
+
+
+def _wait(*procs: subprocess.Popen) -> None:
+  for proc in procs:
+    assert proc.wait(timeout=300) == 0, proc.args
+
+
 def _run(*args):
-  subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], check=True, cwd=ROOT,
-                 timeout=300)
+  _wait(_start(*args))
 
 
 def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
@@ -27,8 +35,8 @@ def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
   runs = {name: tmp_path / name for name in ("straight", "first", "resumed")}
   for folder in runs.values():
     folder.mkdir()
-  _run(60, runs["straight"])
-  _run(25, runs["first"], "--save", tmp_path / "ckpt")
+  # The straight run and the first half are independent: side by side.
+  _wait(_start(60, runs["straight"]), _start(25, runs["first"], "--save", tmp_path / "ckpt"))
   _run(35, runs["resumed"], "--restore", tmp_path / "ckpt")
   for layout in ("bool", "packed", "rigl", "ste"):
     straight = np.load(runs["straight"] / f"{layout}.npz")
