@@ -12,14 +12,21 @@ import optax
 import optax_prune
 
 
-def params(seed=0, dtype=jnp.float32):
-  """A small CNN's params: kernels of 4-D and 2-D, biases of 1-D."""
+def params(seed=0, dtype=jnp.float32, twin=False):
+  """A small CNN's params: kernels of 4-D and 2-D, biases of 1-D.
+
+  With ``twin``, one more layer of the dense layer's shapes, last in leaf
+  order: lone leaves of one shape are ranked by one kernel in a loop
+  (``_thresholds.masks_of_alike_leaves``), which the contract battery runs.
+  """
   rng = np.random.default_rng(seed)
   tree = {
       "conv": {"kernel": rng.standard_normal((3, 3, 4, 8)), "bias": rng.standard_normal(8)},
       "dense": {"kernel": rng.standard_normal((32, 16)), "bias": rng.standard_normal(16)},
       "out": {"kernel": rng.standard_normal((16, 8)), "bias": rng.standard_normal(8)},
   }
+  if twin:
+    tree["twin"] = {"kernel": rng.standard_normal((32, 16)), "bias": rng.standard_normal(16)}
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
 
 

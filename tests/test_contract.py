@@ -31,7 +31,7 @@ from tests import reference
 
 SCHEDULE = optax_prune.polynomial_schedule(0.75, begin_step=0, end_step=8, frequency=4)
 STEPS = 10
-KERNELS = ("conv", "dense", "out")
+KERNELS = ("conv", "dense", "out", "twin")  # "twin": the dense shape again.
 
 FACTORS = {
     "score": ["magnitude", "saliency", "random"],
@@ -163,7 +163,7 @@ def _transformation(config):
 
 
 def _params(config):
-  return helpers.params(dtype=config["dtype"])
+  return helpers.params(dtype=config["dtype"], twin=True)
 
 
 # Eager runs are slow to dispatch: two configurations, structured and not.
