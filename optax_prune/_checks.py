@@ -72,3 +72,12 @@ def one_of(name: str, value: Any, options: Sequence[str]) -> str:
   if not isinstance(value, str) or value not in options:
     raise ValueError(f"`{name}` must be one of {tuple(options)}; got {value!r}.")
   return value
+
+
+def cached(fn: Any, *args: Any) -> Any:
+  """``fn(*args)`` through its ``functools.lru_cache``, or computed afresh when
+  an argument is unhashable (``fn`` must catch its own errors)."""
+  try:
+    return fn(*args)
+  except TypeError:  # Unhashable: nothing to share.
+    return fn.__wrapped__(*args)

@@ -366,10 +366,7 @@ def checked_unit_count(granularity: Granularity, path: str, shape: Sequence[int]
   leaf's shape, instead of an error from inside ``jit``. Leaves of one shape
   are traced once (a deep model has many).
   """
-  try:
-    units, failure = _traced_units(granularity, tuple(shape))
-  except TypeError:  # Unhashable: traced every time.
-    units, failure = _traced_units.__wrapped__(granularity, tuple(shape))
+  units, failure = _checks.cached(_traced_units, granularity, tuple(shape))
   if isinstance(failure, Exception):
     raise ValueError(
         f"granularity {granularity!r} failed on leaf {path}: {failure}. Fix its"

@@ -75,18 +75,14 @@ def prune_smallest(
   sparsity rises.
   """
   leaves = plan.leaves
-  # 1. Scores, whole on each device where the granularity reshapes them.
-  scores, shardings = {}, {}
+  # 1-2. Scores, whole on each device where the granularity reshapes them; unit scores.
+  scores, shardings, units = {}, {}, {}
   for leaf in leaves:
     i = leaf.index
     signal = inputs.updates[i] if inputs.grads is None else inputs.grads[i]
-    score = plan.score(inputs.params[i], signal, inputs.masks[i],
-                       _scores.leaf_key(inputs.key, i))
-    if leaf.granularity.needs_whole_leaf:
-      score, shardings[i] = _placement.gathered(score)
-    scores[i] = score
-  # 2. Unit scores.
-  units = {leaf.index: leaf.granularity.unit_scores(scores[leaf.index]) for leaf in leaves}
+    scores[i], shardings[i], units[i] = leaf_scores(
+        plan.score, leaf.granularity, inputs.params[i], signal, inputs.masks[i],
+        _scores.leaf_key(inputs.key, i))
   # 3. Counts: how many units each group loses.
   counts, shares = plan.distribution.counts(
       [g.units for g in plan.groups],
@@ -96,14 +92,30 @@ def prune_smallest(
   # 4. Kernel: groups that share a method share one call (one search loop).
   keeps = keep_units(plan, units, counts)
   # 5. Expand the unit decisions to masks, placed like their leaves.
-  masks = [
-      _placement.put_back(
-          leaf.granularity.expand(keeps[leaf.index][0], scores[leaf.index]),
-          shardings.get(leaf.index))
-      for leaf in leaves
-  ]
+  masks = [expand(leaf.granularity, keeps[leaf.index][0], scores[leaf.index],
+                  shardings[leaf.index]) for leaf in leaves]
   return MaskUpdate(masks=masks, targets=per_leaf(plan, shares),
                     pruned_units=pruned_units(plan, counts, keeps))
+
+
+def leaf_scores(score: _scores.Score, granularity: Any, param: jax.Array,
+                signal: jax.Array, mask: jax.Array, key: jax.Array):
+  """Stages 1-2 for one leaf: ``(scores, sharding, unit scores)``.
+
+  The scores are gathered whole on each device where the granularity
+  reshapes them (``sharding``: where :func:`expand` puts the mask back; None
+  otherwise).
+  """
+  scores = score(param, signal, mask, key)
+  sharding = None
+  if granularity.needs_whole_leaf:
+    scores, sharding = _placement.gathered(scores)
+  return scores, sharding, granularity.unit_scores(scores)
+
+
+def expand(granularity: Any, unit_keep: jax.Array, scores: jax.Array, sharding: Any):
+  """Stage 5 for one leaf: its keep-mask, placed like the leaf."""
+  return _placement.put_back(granularity.expand(unit_keep, scores), sharding)
 
 
 def per_leaf(plan: _plan.SchedulePlan, per_group: jax.Array) -> jax.Array:

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from optax_prune import _checks
+
 SCORES = ("magnitude", "saliency", "random")
 ScoreFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -71,10 +73,7 @@ class Score:
     Leaves of one shape and dtype are traced once (a deep model has many).
     """
     spec = jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
-    try:
-      out = _traced_score(self.fn, spec)
-    except TypeError:  # Unhashable: traced every time.
-      out = _traced_score.__wrapped__(self.fn, spec)
+    out = _checks.cached(_traced_score, self.fn, spec)
     if isinstance(out, Exception):  # Any failure here is the score's, not ours.
       raise ValueError(f"`score` failed on leaf {path}: {out}") from out
     if (

@@ -20,8 +20,8 @@ import numpy as np
 from optax_prune import _checks
 from optax_prune import _config
 from optax_prune import _distributions
-from optax_prune import _placement
 from optax_prune import _plan
+from optax_prune import _rules
 from optax_prune import _scores
 from optax_prune import _tables
 from optax_prune import _thresholds
@@ -138,15 +138,11 @@ def _pruned_leaf(x, sparsity, index, count, *, granularity, score, method, seed)
   from ``seed``, ``count`` and the leaf's ``index``). One compile per leaf
   shape and options, whatever the number of leaves."""
   key = _scores.leaf_key(_scores.step_key(seed, count), index)
-  scores = score(x, jnp.zeros_like(x), jnp.ones(x.shape, bool), key)
-  if granularity.needs_whole_leaf:
-    scores, sharding = _placement.gathered(scores)
-  else:
-    sharding = None
-  units = granularity.unit_scores(scores)
+  scores, sharding, units = _rules.leaf_scores(
+      score, granularity, x, jnp.zeros_like(x), jnp.ones(x.shape, bool), key)
   prune = _distributions.prune_count(_distributions.clip_sparsity(sparsity), units.size)
   (keep,), = _thresholds.keep_masks_for_counts([[units]], [prune], method)
-  mask = _placement.put_back(granularity.expand(keep, scores), sharding)
+  mask = _rules.expand(granularity, keep, scores, sharding)
   return jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 

@@ -424,27 +424,39 @@ def cuts_by_histogram(
   return out
 
 
-def _per_alike_leaf(fn, leaves: Sequence[jax.Array], *scalars: Sequence[jax.Array]) -> list:
-  """``[fn(x, *their scalars) for each leaf]`` (int32 scalars), with leaves of
-  one shape, dtype and placement run by one instance of ``fn`` in a loop that
-  picks each by a ``lax.switch`` (a group of many alike leaves: global scope
-  over a deep model)."""
-  out: list = [None] * len(leaves)
-  alike: dict = {}
+def _alike(leaves: Sequence[jax.Array]) -> list[list[int]]:
+  """Indices of ``leaves`` by shape, dtype and placement (``jax.typeof``), in
+  order; an empty leaf is alone."""
+  by_type: dict = {}
   for i, x in enumerate(leaves):
-    alike.setdefault(jax.typeof(x) if x.size else i, []).append(i)
-  for members in alike.values():
-    if len(members) == 1:
-      (i,) = members
-      out[i] = fn(leaves[i], *(s[i] for s in scalars))
-      continue
-    branches = [lambda x=leaves[i]: x for i in members]
+    by_type.setdefault(jax.typeof(x) if x.size else i, []).append(i)
+  return list(by_type.values())
+
+
+def _loop_over(leaves: Sequence[jax.Array], body, init):
+  """``fori_loop`` over alike ``leaves``: ``body(j, leaves[j], carry)``, the
+  leaf picked by a ``lax.switch`` (one leaf-sized copy, no stacked operand),
+  so the compiled program holds one instance of ``body`` whatever their
+  number. XLA compiles each distinct fusion on its own, and per-leaf code
+  that differs only in which leaf or which entry of a vector it reads is
+  distinct."""
+  branches = [lambda x=x: x for x in leaves]
+  return lax.fori_loop(0, len(leaves), lambda j, carry: body(
+      j, lax.switch(j, branches), carry), init)
+
+
+def _per_alike_leaf(fn, leaves: Sequence[jax.Array], *scalars: Sequence[jax.Array]) -> list:
+  """``[fn(x, *its scalars) for each leaf]`` (int32 scalars), alike leaves run
+  by one instance of ``fn`` (:func:`_loop_over`; a group of many alike
+  leaves: global scope over a deep model)."""
+  out: list = [None] * len(leaves)
+  for members in _alike(leaves):
     columns = [jnp.stack([s[i] for i in members]) for s in scalars]
-
-    def one(j, found, branches=branches, columns=columns):
-      return found.at[j].set(fn(lax.switch(j, branches), *(c[j] for c in columns)))
-
-    found = lax.fori_loop(0, len(members), one, jnp.zeros(len(members), jnp.int32))
+    if len(members) == 1:
+      found = fn(leaves[members[0]], *(c[0] for c in columns))[None]
+    else:
+      found = _loop_over([leaves[i] for i in members], lambda j, x, found: found.at[j].set(
+          fn(x, *(c[j] for c in columns))), jnp.zeros(len(members), jnp.int32))
     for j, i in enumerate(members):
       out[i] = found[j]
   return out
@@ -492,26 +504,22 @@ def masks_of_alike_leaves(
   """Keep-masks of leaves of one shape, dtype and placement, each ranked on
   its own, by one instance of the ``method`` kernel.
 
-  A ``fori_loop`` over the leaves picks leaf ``j`` by a ``lax.switch`` (one
-  leaf-sized copy: no stacked operand, so the kernel's temporaries are one
-  leaf's whatever the number of leaves), runs the kernel on it and writes its
-  mask into row ``j`` of one stacked bool buffer (1 byte per entry). The
-  compiled program holds one kernel and one mask writer, not one per leaf:
-  XLA compiles each distinct fusion separately (about 20 ms each on CPU), and
-  a per-leaf writer would differ from the next in which cut it reads.
+  A loop over the leaves (:func:`_loop_over`: the kernel's temporaries are
+  one leaf's whatever their number) runs the kernel on leaf ``j`` and writes
+  its mask into row ``j`` of one stacked bool buffer (1 byte per entry): the
+  compiled program holds one kernel and one mask writer, not one per leaf (a
+  writer per leaf would read its own cut, so each would be distinct).
   """
   counts = jnp.asarray(counts, jnp.uint32)
-  branches = [lambda x=x: x for x in leaves]
 
-  def one(j, masks):
-    x = lax.switch(j, branches)
+  def one(j, x, masks):
     (cut,), = _cuts_for_counts([[x]], [counts[j]], method, radix_bits)
     return lax.dynamic_update_index_in_dim(masks, keep_mask(x, cut), j, 0)
 
   sharding = _placement.explicit_sharding(leaves[0])
   masks = jnp.zeros((len(leaves),) + tuple(leaves[0].shape), jnp.bool_, out_sharding=(
       None if sharding is None else P(None, *sharding.spec)))
-  masks = lax.fori_loop(0, len(leaves), one, masks)
+  masks = _loop_over(leaves, one, masks)
   return [masks[j] for j in range(len(leaves))]
 
 
@@ -551,17 +559,15 @@ def keep_masks_for_counts(
   if method not in METHODS:
     raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
   counts = [jnp.asarray(k, jnp.uint32) for k in counts]
-  alike: dict = {}  # Type of a lone nonempty leaf -> indices of its groups.
-  for g, group in enumerate(groups):
-    if len(group) == 1 and group[0].size:
-      alike.setdefault(jax.typeof(group[0]), []).append(g)
+  lone = [g for g, group in enumerate(groups) if len(group) == 1]
   out: list = [None] * len(groups)
-  for members in alike.values():
+  for members in _alike([groups[g][0] for g in lone]):
     if len(members) > 1:
-      masks = masks_of_alike_leaves([groups[g][0] for g in members],
-                                    jnp.stack([counts[g] for g in members]), method,
+      chosen = [lone[m] for m in members]
+      masks = masks_of_alike_leaves([groups[g][0] for g in chosen],
+                                    jnp.stack([counts[g] for g in chosen]), method,
                                     radix_bits=radix_bits)
-      for g, mask in zip(members, masks):
+      for g, mask in zip(chosen, masks):
         out[g] = [mask]
   rest = [g for g in range(len(groups)) if out[g] is None]
   cuts = _cuts_for_counts([groups[g] for g in rest], [counts[g] for g in rest],
