@@ -12,7 +12,8 @@ reported as "did not finish".
 Models: an MLP of L 256x256 kernels plus biases (L pruned leaves; the depth
 sweep), a ResNet-50-shaped CNN (53 convolutions with BatchNorm, the real
 widths, 32x32 inputs) and a 12-layer transformer (d=256, 4 heads: 72 pruned
-kernels). Every configuration of the pruning link (threshold methods,
+kernels), unscanned and scanned (``nn.scan``: 6 pruned leaves of 12 layers
+each, pruned per layer with ``layer_axis``). Every configuration of the pruning link (threshold methods,
 distributions, scopes, structured units, sparse training) runs at the
 deepest MLP; the sweep runs adam and the defaults at every depth.
 
@@ -117,11 +118,29 @@ def _models():
         x = Block()(x, train)
       return x
 
+  class ScannedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return Block()(x, True), None
+
+  class ScannedTransformer(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+      del train  # As in `Block`: no dropout.
+      stack = nn.scan(ScannedBlock, variable_axes={"params": 0},
+                      split_rngs={"params": True}, length=12)
+      return stack(name="layers")(x, None)[0]
+
   return {"mlp": (MLP, (8, 256)), "resnet50": (ResNet50, (2, 32, 32, 3)),
-          "transformer12": (Transformer, (2, 16, 256))}
+          "transformer12": (Transformer, (2, 16, 256)),
+          "transformer12_scanned": (ScannedTransformer, (2, 16, 256))}
 
 
-def _link(name: str, params):
+# `layer_axis` of the scanned model: its stacked leaves' leading axis.
+SCANNED = {"transformer12_scanned"}
+
+
+def _link(name: str, params, scanned: bool = False):
   import jax
   import optax
   import optax_prune
@@ -130,14 +149,16 @@ def _link(name: str, params):
   spec = LINKS[name]
   if spec is None:
     return optax.adam(1e-3)
+  stack = dict(layer_axis=optax_prune.by_path({r"\['layers'\]": 0}, default=None)
+               if scanned else None)
   if isinstance(spec, str):  # Sparse training: the wrapper owns the optimizer.
     factory = {"rigl": optax_prune.rigl, "set": optax_prune.set_training}.get(spec)
     if factory:
-      return factory(optax.adam(1e-3), 0.9, end_step=100, frequency=10)
-    link = (optax_prune.static_sparse(0.9) if spec == "static_sparse"
-            else optax_prune.straight_through(schedule))
+      return factory(optax.adam(1e-3), 0.9, end_step=100, frequency=10, **stack)
+    link = (optax_prune.static_sparse(0.9, **stack) if spec == "static_sparse"
+            else optax_prune.straight_through(schedule, **stack))
     return optax.chain(optax.adam(1e-3), link)
-  kwargs = dict(spec)
+  kwargs = dict(spec, **stack)
   structured = {
       "2:4": lambda x: optax_prune.n_of_m(2, 4, axis=-2),
       "blocks": lambda x: optax_prune.blocks((4, 4)),
@@ -193,7 +214,7 @@ def run_one(model: str, depth: int, link: str, repeats: int) -> dict:
   variables = module.init(jax.random.key(0), x, train=False)
   params = variables["params"]
   stats = {k: v for k, v in variables.items() if k != "params"}
-  tx = _link(link, params)
+  tx = _link(link, params, scanned=model in SCANNED)
   opt_state = tx.init(params)
 
   def loss(params, stats, x):
@@ -250,10 +271,14 @@ def _masks(opt_state):
 # The parent: one fresh process per configuration.
 
 def configurations(quick: bool, depths: Optional[Sequence[int]] = None,
-                   links: Optional[Sequence[str]] = None) -> list[tuple[str, int, str]]:
+                   links: Optional[Sequence[str]] = None,
+                   models: Optional[Sequence[str]] = None) -> list[tuple[str, int, str]]:
   """The sweep: adam and the defaults at every depth, every link at the
-  deepest, and the CNN and transformer. ``depths`` and ``links`` narrow it to
-  the MLP at those depths with those links (adam always included)."""
+  deepest, and the CNN and transformers. ``depths`` and ``links`` narrow it to
+  the MLP at those depths with those links (adam always included); ``models``
+  runs every link (or ``links``) on those models instead."""
+  if models:
+    return [(m, 0, link) for m in models for link in (links or LINKS)]
   if depths or links:
     chosen = ["adam"] + [k for k in (links or ("default",)) if k != "adam"]
     return [("mlp", d, link) for d in (depths or DEPTHS) for link in chosen]
@@ -261,7 +286,7 @@ def configurations(quick: bool, depths: Optional[Sequence[int]] = None,
     return [("mlp", 2, "default"), ("mlp", 4, "adam"), ("mlp", 4, "default")]
   out = [("mlp", d, link) for d in DEPTHS for link in ("adam", "default")]
   out += [("mlp", DEPTHS[-1], link) for link in LINKS if link not in ("adam", "default")]
-  out += [(m, 0, link) for m in ("resnet50", "transformer12")
+  out += [(m, 0, link) for m in ("resnet50", "transformer12", "transformer12_scanned")
           for link in ("adam", "default", "uniform", "erk-histogram")]
   return out
 
@@ -312,6 +337,13 @@ def targets(records: Sequence[dict]) -> list[tuple[str, bool, str]]:
     bound = 3 * cnn_adam["compile_s"] + 2
     out.append(("resnet50 default: compile <= 3x adam + 2 s", cnn["compile_s"] <= bound,
                 f"{cnn['compile_s']:.2f} s <= {bound:.2f} s"))
+  scan_adam = ok.get(("transformer12_scanned", 0, "adam"))
+  for link in ("default", "uniform", "erk-histogram"):
+    scanned = ok.get(("transformer12_scanned", 0, link))
+    if scan_adam and scanned:
+      bound = 1.5 * scan_adam["compile_s"]
+      out.append((f"scanned transformer12 {link} (per layer): compile <= 1.5x adam",
+                  scanned["compile_s"] <= bound, f"{scanned['compile_s']:.2f} s <= {bound:.2f} s"))
   return out
 
 
@@ -371,6 +403,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   parser.add_argument("--source", help="import optax_prune from this checkout")
   parser.add_argument("--depths", type=int, nargs="*", help="only the MLP at these depths")
   parser.add_argument("--links", nargs="*", choices=list(LINKS), help="only these links")
+  parser.add_argument("--models", nargs="*", choices=["resnet50", "transformer12",
+                                                      "transformer12_scanned"],
+                      help="every link (or --links) on these models, not the MLP sweep")
   parser.add_argument("--before", help="a JSON of an earlier run (--source), drawn in the plot")
   parser.add_argument("--out", default=str(_common.RESULTS / "compile_time.json"))
   parser.add_argument("--plot", default=str(_common.RESULTS / "compile_time.png"))
@@ -381,7 +416,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
 
   from tqdm import tqdm
   records = []
-  progress = tqdm(configurations(args.quick, args.depths, args.links), desc="configurations")
+  progress = tqdm(configurations(args.quick, args.depths, args.links, args.models),
+                  desc="configurations")
   for model, depth, link in progress:
     progress.set_postfix_str(f"{model} {depth or ''} {link}")
     records.append(run_child(model, depth, link, args.repeats, args.limit, args.source))

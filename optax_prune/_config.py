@@ -51,6 +51,8 @@ class PruningConfig:
   scope: str
   threshold: str  # One of `_thresholds.THRESHOLDS`.
   granularity: Any  # As `schedule`, of granularities (None: unstructured).
+  # As `schedule`, of ints (the axis that stacks layers) or None (none).
+  layer_axis: Any
   distribution: _distributions.Distribution
   score: _scores.Score
   seed: int
@@ -59,6 +61,10 @@ class PruningConfig:
 
 def is_schedule_leaf(x: Any) -> bool:
   return x is None or callable(x) or _checks.is_number(x)
+
+
+def is_layer_axis_leaf(x: Any) -> bool:
+  return x is None or _checks.is_number(x)
 
 
 def is_granularity_leaf(x: Any) -> bool:
@@ -76,6 +82,7 @@ def make_config(
     score: Any = "magnitude",
     seed: int = 0,
     packed_masks: bool = False,
+    layer_axis: Any = None,
 ) -> PruningConfig:
   """Checks ``magnitude_pruning``'s arguments; returns them as a config."""
   for name, value in (("schedule", schedule), ("seed", seed)):
@@ -111,6 +118,12 @@ def make_config(
           f"`granularity` {g!r} must be hashable (a frozen dataclass): leaves"
           " with equal granularities are grouped."
       ) from None
+  for axis in _paths.spec_values(layer_axis, is_layer_axis_leaf):
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
+      raise ValueError(
+          "`layer_axis` must be None, an int (the axis of a leaf that stacks"
+          " layers, as `nn.scan` and `nnx.scan` make them), a pytree prefix of"
+          f" those or `by_path` rules; it holds {axis!r}.")
   if where is not None and not callable(where):
     bad = [w for w in jax.tree.leaves(where) if not isinstance(w, (bool, jnp.bool_))]
     if bad:
@@ -124,6 +137,7 @@ def make_config(
       scope=scope,
       threshold=threshold,
       granularity=granularity,
+      layer_axis=layer_axis,
       distribution=shared,
       score=_scores.resolve(score),
       seed=_checks.integer("seed", seed, -2**63, 2**63 - 1),

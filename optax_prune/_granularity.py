@@ -101,6 +101,40 @@ class Unstructured:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerLayer:
+  """``inner`` applied to each layer of a leaf that stacks layers along
+  ``axis`` (``nn.scan``, ``nnx.scan``): the plan wraps a stacked leaf's
+  granularity in it (see ``magnitude_pruning``'s ``layer_axis``).
+
+  Unit scores carry the layer axis first, ``(layers, *inner unit scores)``;
+  under layer scope each layer is then ranked on its own (its row of the
+  counts), under global scope with the other leaves, in that order.
+  """
+
+  inner: Any  # A `Granularity`, seeing one layer.
+  axis: int  # The layer axis of the leaf, nonnegative.
+
+  @property
+  def needs_whole_leaf(self) -> bool:
+    return self.inner.needs_whole_leaf
+
+  def check(self, path: str, shape: Sequence[int]) -> None:
+    self.inner.check(f"{path} (a layer of it)", layer_shape(shape, self.axis))
+
+  def unit_scores(self, scores: jax.Array) -> jax.Array:
+    return jax.vmap(self.inner.unit_scores, in_axes=self.axis)(scores)
+
+  def expand(self, unit_keep: jax.Array, scores: jax.Array) -> jax.Array:
+    return jax.vmap(self.inner.expand, in_axes=(0, self.axis), out_axes=self.axis)(
+        unit_keep, scores)
+
+
+def layer_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
+  """The shape of one layer of a leaf of ``shape`` stacked along ``axis``."""
+  return tuple(d for a, d in enumerate(shape) if a != axis)
+
+
+@dataclasses.dataclass(frozen=True)
 class NOfM:
   """At most ``n`` of every ``m`` consecutive entries along ``axis`` kept."""
 

@@ -21,6 +21,7 @@ import optax
 from optax_prune import _checks
 from optax_prune import _config
 from optax_prune import _distributions
+from optax_prune import _granularity
 from optax_prune import _paths
 from optax_prune import _plan
 from optax_prune import _rules
@@ -45,6 +46,7 @@ def prune(
     distribution: Optional[str] = None,
     score: Union[str, _scores.ScoreFn] = "magnitude",
     seed: int = 0,
+    layer_axis: Any = None,
 ) -> tuple[Any, Any]:
   r"""Prunes trained params once: the mask update of :func:`magnitude_pruning`.
 
@@ -76,8 +78,9 @@ def prune(
       or ``"output"`` (within each output feature, the same fraction of each;
       unstructured, layer scope, no ERK). Output axes come from ``input_norms``, else the
       leaf's last axis (flax kernels).
-    where, scope, threshold, granularity, distribution, score, seed: as for
-      :func:`magnitude_pruning`.
+    where, scope, threshold, granularity, distribution, score, seed,
+      layer_axis: as for :func:`magnitude_pruning` (with ``layer_axis``, each
+      layer of a stack is pruned as its own leaf).
 
   Returns:
     ``(pruned_params, masks)``: the params with pruned entries set to 0, and
@@ -115,7 +118,8 @@ def prune(
     raise ValueError("`input_norms` make the score |w| * ||x||: leave `score='magnitude'`.")
   config = _config.make_config(
       sparsity, where=where, scope=scope, threshold=threshold,
-      granularity=granularity, distribution=distribution, score=score, seed=seed)
+      granularity=granularity, distribution=distribution, score=score, seed=seed,
+      layer_axis=layer_axis)
   plan = _plan.make_plan(config, params)
   leaves = plan.treedef.flatten_up_to(params)
   norms = _norms_for(plan, input_norms)
@@ -128,6 +132,8 @@ def prune(
       for leaf in s.leaves:
         norm = norms[leaf.index]
         outputs = norm.output_axes if norm is not None else (len(leaf.shape) - 1,)
+        if isinstance(leaf.granularity, _granularity.PerLayer):  # Per layer too.
+          outputs = tuple(sorted(set(outputs) | {leaf.granularity.axis}))
         masks[leaf.index] = _per_output(ranked[leaf.index], fraction, outputs)
     masks = plan.treedef.unflatten(
         [m if p else optax.MaskedNode() for m, p in zip(masks, plan.pruned)])

@@ -43,7 +43,8 @@ class PathRules:
 def by_path(rules: Mapping[str, Any], default: Any) -> PathRules:
   r"""Per-leaf values chosen by regular expressions on the leaf's path.
 
-  Usable for ``magnitude_pruning``'s ``schedule`` and ``granularity``. A
+  Usable for ``magnitude_pruning``'s ``schedule``, ``granularity`` and
+  ``layer_axis``. A
   leaf's path is ``jax.tree_util.keystr`` of its key path (such as
   ``"['Dense_0']['kernel']"``); the first pattern that ``re.search`` finds in
   it decides, else ``default``.

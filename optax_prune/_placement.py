@@ -10,7 +10,9 @@ things need to know about placement, and all of them are here:
   needs a leaf whole (a sort, the reshapes of structured units) reshards it
   explicitly and puts its mask back where the leaf lives; under Auto axes XLA
   decides, and nothing is done here;
-* :func:`ones_like`: masks at ``init`` take their param's placement.
+* :func:`ones_like`: masks at ``init`` take their param's placement;
+* :func:`replicated` / :func:`like_axis`: small count vectors, whole on every
+  device, or split like a stack's layer axis for the ``vmap`` over its layers.
 """
 
 from __future__ import annotations
@@ -52,6 +54,20 @@ def gathered(x: jax.Array) -> tuple[jax.Array, Optional[Any]]:
   """
   sharding = explicit_sharding(x)
   return (jax.sharding.reshard(x, P()), sharding) if sharding else (x, None)
+
+
+def replicated(x: jax.Array) -> jax.Array:
+  """``x`` (a few counts) whole on every device where Explicit mesh axes
+  split it; as it is otherwise."""
+  return jax.sharding.reshard(x, P()) if explicit_sharding(x) else x
+
+
+def like_axis(x: jax.Array, of: jax.Array, axis: int = 0) -> jax.Array:
+  """The vector ``x`` split like ``of``'s ``axis`` where Explicit mesh axes
+  split that axis (``vmap`` over it needs its inputs split alike)."""
+  sharding = explicit_sharding(of)
+  spec = sharding.spec[axis] if sharding and axis < len(sharding.spec) else None
+  return jax.sharding.reshard(x, P(spec)) if spec is not None else x
 
 
 def put_back(x: jax.Array, sharding: Optional[Any]) -> jax.Array:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_prune import _config
 from optax_prune import _distributions
@@ -40,8 +41,17 @@ class LeafPlan:
   index: int  # Position among the params' leaves (`jax.tree.leaves` order).
   path: str  # `jax.tree_util.keystr` of its path.
   shape: tuple[int, ...]
-  granularity: Any  # A `Granularity`; `unstructured()` for an empty leaf.
-  units: int  # Units it holds under its granularity.
+  granularity: Any  # A `Granularity`; `unstructured()` for an empty leaf;
+  #                   `PerLayer` around it for a leaf that stacks layers.
+  units: int  # Units it holds under its granularity (all its layers).
+  layers: int = 1  # Layers it stacks along its layer axis (1: not stacked).
+
+  @property
+  def layer_shape(self) -> tuple[int, ...]:
+    """The shape of one layer (the leaf's, if it stacks none)."""
+    g = self.granularity
+    return (_granularity.layer_shape(self.shape, g.axis)
+            if isinstance(g, _granularity.PerLayer) else self.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +60,27 @@ class GroupPlan:
 
   leaves: tuple[LeafPlan, ...]
   method: str  # One of `_thresholds.METHODS`.
+  # Layer scope over a leaf that stacks layers: each layer is ranked on its
+  # own, a row of the counts; otherwise the group is one row.
+  by_layer: bool = False
 
   @property
   def units(self) -> int:
     return sum(leaf.units for leaf in self.leaves)
+
+  @property
+  def rows(self) -> int:
+    """Rows of the counts: sets of units ranked each on its own."""
+    return self.leaves[0].layers if self.by_layer else 1
+
+  @property
+  def row_units(self) -> list[int]:
+    return [self.units // self.rows] * self.rows
+
+  @property
+  def row_shapes(self) -> list[tuple[int, ...]]:
+    """Per row, the shape of its (first) leaf or layer (ERK's ratio)."""
+    return [self.leaves[0].layer_shape] * self.rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +97,11 @@ class SchedulePlan:
   def leaves(self) -> tuple[LeafPlan, ...]:
     return tuple(leaf for group in self.groups for leaf in group.leaves)
 
+  @property
+  def row_starts(self) -> list[int]:
+    """Per group, where its rows start in the vector of counts."""
+    return list(np.cumsum([0] + [g.rows for g in self.groups])[:-1])
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -78,6 +110,9 @@ class Plan:
   treedef: Any
   pruned: tuple[bool, ...]  # Per leaf of the params.
   schedules: tuple[SchedulePlan, ...]
+  # Per leaf of the params: the entries it takes in the state's
+  # `pruned_units` (its layers if pruned, else 0).
+  parts: tuple[int, ...] = ()
 
   @property
   def pruned_indices(self) -> tuple[int, ...]:
@@ -109,21 +144,27 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
   """
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   if not path_leaves:  # Nothing to prune (also optax's `tree_map_params` placeholder).
-    return Plan(treedef=treedef, pruned=(), schedules=())
+    return Plan(treedef=treedef, pruned=(), schedules=(), parts=())
   leaves = [leaf for _, leaf in path_leaves]
   paths = [jax.tree_util.keystr(path) for path, _ in path_leaves]
   schedules = _paths.per_leaf(
       config.schedule, params, _config.is_schedule_leaf, "schedule")
   granularities = _paths.per_leaf(
       config.granularity, params, _config.is_granularity_leaf, "granularity")
+  layer_axes = _paths.per_leaf(
+      config.layer_axis, params, _config.is_layer_axis_leaf, "layer_axis")
   pruned = tuple(
       chosen and schedule is not None
       for chosen, schedule in zip(_chosen(config.where, params, path_leaves), schedules))
 
   by_schedule: dict = {}  # Schedule key -> {group key -> [LeafPlan]}, in order.
+  parts = [0] * len(leaves)
   for i in (i for i, p in enumerate(pruned) if p):
-    leaf = _leaf_plan(config, i, paths[i], leaves[i], granularities[i])
-    group = (leaf.granularity,) if config.scope == "global" else (i,)
+    leaf = _leaf_plan(config, i, paths[i], leaves[i], granularities[i], layer_axes[i])
+    parts[i] = leaf.layers
+    # Global scope ranks a stack's layers with the leaves of its granularity.
+    group = ((getattr(leaf.granularity, "inner", leaf.granularity),)
+             if config.scope == "global" else (i,))
     groups = by_schedule.setdefault(_key(schedules[i]), (schedules[i], {}))[1]
     groups.setdefault(group, []).append(leaf)
 
@@ -145,7 +186,7 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
         score=config.score,
         seed=config.seed,
     ))
-  return Plan(treedef=treedef, pruned=pruned, schedules=tuple(planned))
+  return Plan(treedef=treedef, pruned=pruned, schedules=tuple(planned), parts=tuple(parts))
 
 
 def _chosen(where: Any, params: Any, path_leaves: list) -> list[bool]:
@@ -180,7 +221,8 @@ def _key(schedule: Callable) -> Any:
   return schedule
 
 
-def _leaf_plan(config, index: int, path: str, leaf: Any, granularity: Any) -> LeafPlan:
+def _leaf_plan(config, index: int, path: str, leaf: Any, granularity: Any,
+               layer_axis: Optional[int]) -> LeafPlan:
   dtype, shape = jnp.result_type(leaf), tuple(jnp.shape(leaf))
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
@@ -191,10 +233,20 @@ def _leaf_plan(config, index: int, path: str, leaf: Any, granularity: Any) -> Le
   # share of a global or ERK budget (a (0, 4) leaf has 4 empty channels).
   if granularity is None or not jnp.size(leaf):
     granularity = _granularity.Unstructured()
+  layers = 1
+  if layer_axis is not None:
+    if not -len(shape) <= layer_axis < len(shape) or len(shape) < 2:
+      raise ValueError(
+          f"`layer_axis={layer_axis}` does not fit leaf {path} of shape {shape}:"
+          f" it must name an axis in [-{len(shape)}, {len(shape) - 1}] of a leaf"
+          " with at least 2 axes (the layers, and each layer's weights). Give"
+          " this leaf `None` (a pytree prefix or `by_path` rules).")
+    granularity = _granularity.PerLayer(granularity, layer_axis % len(shape))
+    layers = shape[layer_axis % len(shape)]
   granularity.check(path, shape)
   config.score.check(path, leaf)
   return LeafPlan(index, path, shape, granularity,
-                  _granularity.checked_unit_count(granularity, path, shape))
+                  _granularity.checked_unit_count(granularity, path, shape), layers)
 
 
 def _group_plan(config, leaves: list[LeafPlan], params: list) -> GroupPlan:
@@ -205,4 +257,8 @@ def _group_plan(config, leaves: list[LeafPlan], params: list) -> GroupPlan:
         " supported. Use `scope='layer'` or split the leaves."
     )
   whole = all(_placement.known_whole(params[leaf.index]) for leaf in leaves)
-  return GroupPlan(tuple(leaves), _thresholds.choose_method(config.threshold, size, whole))
+  by_layer = config.scope == "layer" and isinstance(leaves[0].granularity,
+                                                    _granularity.PerLayer)
+  ranked = size // leaves[0].layers if by_layer else size
+  return GroupPlan(tuple(leaves), _thresholds.choose_method(config.threshold, ranked, whole),
+                   by_layer)

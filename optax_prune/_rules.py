@@ -24,6 +24,7 @@ import numpy as np
 
 from optax_prune import _coupling
 from optax_prune import _distributions
+from optax_prune import _granularity
 from optax_prune import _placement
 from optax_prune import _plan
 from optax_prune import _scores
@@ -83,12 +84,12 @@ def prune_smallest(
     scores[i], shardings[i], units[i] = leaf_scores(
         plan.score, leaf.granularity, inputs.params[i], signal, inputs.masks[i],
         _scores.leaf_key(inputs.key, i))
-  # 3. Counts: how many units each group loses.
+  # 3. Counts: how many units each row (a group, or a layer of a stack ranked
+  # per layer) loses.
   counts, shares = plan.distribution.counts(
-      [g.units for g in plan.groups],
-      [g.leaves[0].shape for g in plan.groups], sparsity,
-      pruned=jnp.stack([sum(inputs.pruned_units[leaf.index] for leaf in g.leaves)
-                        for g in plan.groups]))
+      [n for g in plan.groups for n in g.row_units],
+      [shape for g in plan.groups for shape in g.row_shapes], sparsity,
+      pruned=pruned_per_row(plan, inputs.pruned_units))
   # 4. Kernel: groups that share a method share one call (one search loop).
   keeps = keep_units(plan, units, counts)
   # 5. Expand the unit decisions to masks, placed like their leaves.
@@ -96,6 +97,17 @@ def prune_smallest(
                   shardings[leaf.index]) for leaf in leaves]
   return MaskUpdate(masks=masks, targets=per_leaf(plan, shares),
                     pruned_units=pruned_units(plan, counts, keeps))
+
+
+def pruned_per_row(plan: _plan.SchedulePlan, pruned: Sequence[Any]) -> jax.Array:
+  """int32 units each row of ``plan`` has lost, from the per-leaf entries of
+  ``pruned`` (a vector over its layers for a stack)."""
+  rows = []
+  for g in plan.groups:
+    lost = [jnp.reshape(pruned[leaf.index], -1) for leaf in g.leaves]
+    rows.append(lost[0] if g.by_layer else
+                sum(jnp.sum(x, dtype=jnp.int32) for x in lost).reshape(1))
+  return jnp.concatenate(rows).astype(jnp.int32)
 
 
 def leaf_scores(score: _scores.Score, granularity: Any, param: jax.Array,
@@ -118,38 +130,70 @@ def expand(granularity: Any, unit_keep: jax.Array, scores: jax.Array, sharding: 
   return _placement.put_back(granularity.expand(unit_keep, scores), sharding)
 
 
-def per_leaf(plan: _plan.SchedulePlan, per_group: jax.Array) -> jax.Array:
-  """A vector over ``plan.groups`` spread over ``plan.leaves`` (one gather)."""
-  group_of = [j for j, g in enumerate(plan.groups) for _ in g.leaves]
-  return jnp.asarray(per_group)[jnp.asarray(group_of, jnp.int32)]
+def per_leaf(plan: _plan.SchedulePlan, per_row: jax.Array) -> jax.Array:
+  """A float vector over the rows of ``plan`` as one over ``plan.leaves``: a
+  leaf takes its group's value; a stack ranked per layer, the mean of its
+  layers' (one gather, and one segment sum where a stack is ranked per layer)."""
+  per_row = jnp.asarray(per_row)
+  rows_of = [range(start, start + g.rows) for start, g in zip(plan.row_starts, plan.groups)
+             for _ in g.leaves]
+  if not any(g.by_layer for g in plan.groups):
+    return per_row[jnp.asarray([r[0] for r in rows_of], jnp.int32)]
+  row_of = [r for rows in rows_of for r in rows]
+  leaf_of = [k for k, rows in enumerate(rows_of) for _ in rows]
+  return jax.ops.segment_sum(
+      per_row[jnp.asarray(row_of, jnp.int32)], jnp.asarray(leaf_of, jnp.int32),
+      len(rows_of), indices_are_sorted=True) / np.asarray([len(r) for r in rows_of],
+                                                          np.float32)
 
 
 def pruned_units(plan: _plan.SchedulePlan, counts: jax.Array, keeps: dict) -> jax.Array:
-  """int32 units lost per leaf of ``plan.leaves``: a lone leaf's is its group's
+  """int32 units lost per part of ``plan.leaves`` (one per leaf, one per layer
+  of a stack), as the state holds them: a lone leaf's or layer's is its row's
   count (the kernels prune exactly that many); leaves ranked together count
-  their pruned units."""
-  pruned = per_leaf(plan, jnp.asarray(counts).astype(jnp.int32))
-  shared = [k for k, leaf in enumerate(plan.leaves)
-            if len(plan.groups[keeps[leaf.index][1]].leaves) > 1]
-  if shared:
-    counted = [jnp.sum(~keeps[plan.leaves[k].index][0], dtype=jnp.int32) for k in shared]
-    pruned = pruned.at[jnp.asarray(shared, jnp.int32)].set(jnp.stack(counted))
+  their pruned units (per layer for a stack)."""
+  row_of, counted, at = [], [], []
+  for start, g in zip(plan.row_starts, plan.groups):
+    for leaf in g.leaves:
+      stacked = isinstance(leaf.granularity, _granularity.PerLayer)
+      if g.by_layer or (len(g.leaves) == 1 and not stacked):
+        row_of.extend(range(start, start + g.rows))
+        continue
+      lost = ~keeps[leaf.index][0]  # Ranked with others: count, per layer for a stack.
+      lost = count_per_row(lost, stacked)
+      at.extend(range(len(row_of), len(row_of) + lost.shape[0]))
+      counted.append(lost)
+      row_of.extend([start] * lost.shape[0])
+  pruned = jnp.asarray(counts).astype(jnp.int32)[jnp.asarray(row_of, jnp.int32)]
+  if counted:
+    pruned = pruned.at[jnp.asarray(at, jnp.int32)].set(jnp.concatenate(counted))
   return pruned
 
 
+def count_per_row(x: jax.Array, by_layer: bool) -> jax.Array:
+  """int32 True entries of bool ``x``: per layer (its leading axis) if
+  ``by_layer``, else one, as a vector. Sums over axes, not over a reshape:
+  merging split axes would gather them under Auto mesh axes."""
+  axes = tuple(range(1 if by_layer else 0, x.ndim))
+  return _placement.replicated(jnp.sum(x, axis=axes, dtype=jnp.int32).reshape(-1))
+
+
 def keep_units(plan: _plan.SchedulePlan, units: dict, counts: Sequence[jax.Array]) -> dict:
-  """The kernel stage: each group of ``plan`` loses ``counts[g]`` units of
-  smallest score (``units``: leaf index -> unit scores).
+  """The kernel stage: each row of ``plan`` loses ``counts[row]`` units of
+  smallest score (``units``: leaf index -> unit scores; a stack ranked per
+  layer has one row per layer, its unit scores' leading axis).
 
   Groups that share a threshold method share one kernel call (one search
   loop). Returns leaf index -> (bool unit keep-mask, the index of its group).
   """
-  keeps = {}
+  keeps, starts = {}, plan.row_starts
+  count = lambda j, g: (counts[starts[j]:starts[j] + g.rows] if g.by_layer
+                        else counts[starts[j]])
   for method in sorted({g.method for g in plan.groups}):
     chosen = [j for j, g in enumerate(plan.groups) if g.method == method]
     found = _thresholds.keep_masks_for_counts(
         [[units[leaf.index] for leaf in plan.groups[j].leaves] for j in chosen],
-        [counts[j] for j in chosen], method)
+        [count(j, plan.groups[j]) for j in chosen], method)
     for j, unit_keeps in zip(chosen, found):
       keeps.update({leaf.index: (keep, j)
                     for leaf, keep in zip(plan.groups[j].leaves, unit_keeps)})
@@ -197,31 +241,34 @@ def drop_and_grow(
     del sparsity  # The counts stay those of `init`.
     leaves = plan.leaves
     fraction = _distributions.clip_sparsity(drop_fraction(inputs.count))
-    old = {leaf.index: inputs.masks[leaf.index] for leaf in leaves}
-    sizes = {leaf.index: leaf.units for leaf in leaves}
-    kept = {i: jnp.sum(m, dtype=jnp.int32) for i, m in old.items()}
-    drop = {i: jnp.round(fraction * kept[i].astype(jnp.float32)).astype(jnp.int32)
-            for i in old}
+    # Unit-shaped (a stack's layers first, `PerLayer`), and counted per row:
+    # one per leaf, one per layer of a stack ranked per layer.
+    units = lambda leaf, x: leaf.granularity.unit_scores(x)
+    old = {leaf.index: units(leaf, inputs.masks[leaf.index]) for leaf in leaves}
+    row_units = np.asarray([n for g in plan.groups for n in g.row_units], np.int32)
+    kept = jnp.concatenate([count_per_row(old[leaf.index], g.by_layer)
+                            for g in plan.groups for leaf in g.leaves])
+    drop = jnp.round(fraction * kept.astype(jnp.float32)).astype(jnp.int32)
     if not regrow_dropped:
-      drop = {i: jnp.minimum(d, sizes[i] - kept[i]) for i, d in drop.items()}
-    by_group = lambda per_leaf: [per_leaf[g.leaves[0].index] for g in plan.groups]
+      drop = jnp.minimum(drop, row_units - kept)
     # Drop: all pruned entries and the `drop` smallest kept ones lose.
-    after_drop = keep_units(
-        plan, {i: ranked_within(m, inputs.params[i]) for i, m in old.items()},
-        by_group({i: sizes[i] - kept[i] + drop[i] for i in old}))
+    after_drop = keep_units(plan, {
+        leaf.index: ranked_within(old[leaf.index], units(leaf, inputs.params[leaf.index]))
+        for leaf in leaves}, row_units - kept + drop)
     after_drop = {i: keep for i, (keep, _) in after_drop.items()}
     # Grow: the `drop` candidates of largest |grow score| win.
     candidates = {i: ~(after_drop[i] if regrow_dropped else old[i]) for i in old}
-    grown = keep_units(
-        plan, {i: ranked_within(candidates[i], grow_score(
-            inputs.params[i], None if inputs.grads is None else inputs.grads[i],
-            _scores.leaf_key(inputs.key, i))) for i in old},
-        by_group({i: sizes[i] - drop[i] for i in old}))
-    masks = [after_drop[leaf.index] | grown[leaf.index][0] for leaf in leaves]
-    pruned = jnp.stack([inputs.pruned_units[leaf.index] for leaf in leaves])
-    units = np.maximum([leaf.units for leaf in leaves], 1).astype(np.float32)
-    return MaskUpdate(masks=masks, targets=pruned.astype(jnp.float32) / units,
-                      pruned_units=pruned)
+    grown = keep_units(plan, {
+        leaf.index: ranked_within(candidates[leaf.index], units(leaf, grow_score(
+            inputs.params[leaf.index],
+            None if inputs.grads is None else inputs.grads[leaf.index],
+            _scores.leaf_key(inputs.key, leaf.index)))) for leaf in leaves},
+        row_units - drop)
+    masks = [leaf.granularity.expand(after_drop[leaf.index] | grown[leaf.index][0],
+                                     inputs.params[leaf.index]) for leaf in leaves]
+    pruned = pruned_per_row(plan, inputs.pruned_units)
+    return MaskUpdate(masks=masks, pruned_units=pruned, targets=per_leaf(
+        plan, pruned.astype(jnp.float32) / np.maximum(row_units, 1).astype(np.float32)))
 
   return rule
 

@@ -20,6 +20,7 @@ import numpy as np
 from optax_prune import _checks
 from optax_prune import _config
 from optax_prune import _distributions
+from optax_prune import _granularity
 from optax_prune import _plan
 from optax_prune import _rules
 from optax_prune import _scores
@@ -73,6 +74,7 @@ def sensitivity(
     granularity: Any = None,
     score: Any = "magnitude",
     threshold: str = "auto",
+    layer_axis: Any = None,
     progress: bool = False,
 ) -> SensitivityReport:
   r"""Prunes one leaf at a time at each sparsity and measures ``evaluate``.
@@ -90,6 +92,9 @@ def sensitivity(
       return ``-accuracy`` for a metric where higher is better.
     sparsities: increasing sparsities in [0, 1].
     where, granularity, score, threshold: as for :func:`magnitude_pruning`.
+    layer_axis: as for :func:`magnitude_pruning`: a stack of layers gets one
+      curve, all its layers pruned together, each to ``round(s * n)`` of its
+      own units (the allocation then gives the stack one sparsity).
     progress: show a progress bar (needs ``tqdm``).
 
   Returns:
@@ -108,7 +113,7 @@ def sensitivity(
   if not sparsities or list(sparsities) != sorted(sparsities):
     raise ValueError(f"`sparsities` must be a non-empty increasing sequence; got {sparsities}.")
   config = _config.make_config(0.5, where=where, granularity=granularity,
-                               score=score, threshold=threshold)
+                               score=score, threshold=threshold, layer_axis=layer_axis)
   plan = _plan.make_plan(config, params)
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaves = [leaf for _, leaf in path_leaves]
@@ -140,7 +145,10 @@ def _pruned_leaf(x, sparsity, index, count, *, granularity, score, method, seed)
   key = _scores.leaf_key(_scores.step_key(seed, count), index)
   scores, sharding, units = _rules.leaf_scores(
       score, granularity, x, jnp.zeros_like(x), jnp.ones(x.shape, bool), key)
-  prune = _distributions.prune_count(_distributions.clip_sparsity(sparsity), units.size)
+  sparsity = _distributions.clip_sparsity(sparsity)
+  prune = (_distributions.prune_count(sparsity, [units[0].size] * units.shape[0])
+           if isinstance(granularity, _granularity.PerLayer)  # Each layer its own count.
+           else _distributions.prune_count(sparsity, units.size))
   (keep,), = _thresholds.keep_masks_for_counts([[units]], [prune], method)
   mask = _rules.expand(granularity, keep, scores, sharding)
   return jnp.where(mask, x, jnp.zeros((), x.dtype))

@@ -118,7 +118,7 @@ def _drop_and_grow(
     name: str, grow_score: _rules.GrowScore, inner: optax.GradientTransformation,
     sparsity: float, *, end_step: int, frequency: int, drop_fraction: Any,
     regrow_dropped: bool, where: Any, distribution: str, granularity: Any,
-    threshold: str, seed: int, packed_masks: bool,
+    threshold: str, seed: int, packed_masks: bool, layer_axis: Any,
 ) -> optax.GradientTransformationExtraArgs:
   if not isinstance(inner, optax.GradientTransformation):
     raise ValueError(
@@ -132,7 +132,8 @@ def _drop_and_grow(
   _unstructured_only(name, granularity)
   config = _config.make_config(
       FixedSparsity(sparsity, frequency, end_step), where=where, threshold=threshold,
-      distribution=distribution, seed=seed, packed_masks=packed_masks)
+      distribution=distribution, seed=seed, packed_masks=packed_masks,
+      layer_axis=layer_axis)
   rule = _rules.drop_and_grow(
       grow_score, _drop_fraction(drop_fraction, end_step), regrow_dropped)
   link = _transform.masking(config, rule, initial_score=_RANDOM, regrows=True)
@@ -227,6 +228,8 @@ _DST_ARGS = r"""
     threshold: the kernel, as in :func:`magnitude_pruning` (all exact).
     seed: integer seed of the initial masks (and of SET's growth).
     packed_masks: store masks as bits, as in :func:`magnitude_pruning`.
+    layer_axis: leaves that stack layers, as in :func:`magnitude_pruning`:
+      each layer keeps its own count, drops and grows its own ``d``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -246,7 +249,7 @@ def rigl(
     frequency: int = 100, drop_fraction: Union[float, Callable] = 0.3,
     regrow_dropped: bool = True, where: Any = None, distribution: str = "erk",
     granularity: Any = None, threshold: str = "auto", seed: int = 0,
-    packed_masks: bool = False,
+    packed_masks: bool = False, layer_axis: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RigL dynamic sparse training: drop the smallest weights, grow by ``|grad|``.
 
@@ -264,7 +267,7 @@ def rigl(
       "rigl", _grow_by_gradient, inner, sparsity, end_step=end_step,
       frequency=frequency, drop_fraction=drop_fraction, regrow_dropped=regrow_dropped,
       where=where, distribution=distribution, granularity=granularity,
-      threshold=threshold, seed=seed, packed_masks=packed_masks)
+      threshold=threshold, seed=seed, packed_masks=packed_masks, layer_axis=layer_axis)
 
 
 rigl.__doc__ += _DST_ARGS + r"""
@@ -291,7 +294,7 @@ def set_training(
     frequency: int = 100, drop_fraction: Union[float, Callable] = 0.3,
     regrow_dropped: bool = True, where: Any = None, distribution: str = "erk",
     granularity: Any = None, threshold: str = "auto", seed: int = 0,
-    packed_masks: bool = False,
+    packed_masks: bool = False, layer_axis: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SET (sparse evolutionary training): drop the smallest weights, grow at random.
 
@@ -303,7 +306,7 @@ def set_training(
       "set_training", _grow_at_random, inner, sparsity, end_step=end_step,
       frequency=frequency, drop_fraction=drop_fraction, regrow_dropped=regrow_dropped,
       where=where, distribution=distribution, granularity=granularity,
-      threshold=threshold, seed=seed, packed_masks=packed_masks)
+      threshold=threshold, seed=seed, packed_masks=packed_masks, layer_axis=layer_axis)
 
 
 set_training.__doc__ += _DST_ARGS + r"""
@@ -329,6 +332,7 @@ set_training.__doc__ += _DST_ARGS + r"""
 def static_sparse(
     sparsity: float, *, where: Any = None, distribution: Optional[str] = None,
     granularity: Any = None, seed: int = 0, packed_masks: bool = False,
+    layer_axis: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Static sparse training: a fixed random mask from the first step.
 
@@ -346,6 +350,7 @@ def static_sparse(
       (random N:M groups, blocks or channels).
     seed: integer seed of the masks.
     packed_masks: store masks as bits, as in :func:`magnitude_pruning`.
+    layer_axis: leaves that stack layers, as in :func:`magnitude_pruning`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``, last in a chain.
@@ -362,7 +367,7 @@ def static_sparse(
   config = _config.make_config(
       FixedSparsity(_checks.fraction("sparsity", sparsity)), where=where,
       granularity=granularity, distribution=distribution, seed=seed,
-      packed_masks=packed_masks)
+      packed_masks=packed_masks, layer_axis=layer_axis)
   return _transform.masking(config, _rules.prune_smallest, initial_score=_RANDOM)
 
 
@@ -381,7 +386,7 @@ def straight_through(
     schedule: Any, *, where: Any = None, scope: str = "layer", threshold: str = "auto",
     granularity: Any = None, distribution: Optional[str] = None,
     score: Union[str, _scores.ScoreFn] = "magnitude", seed: int = 0,
-    packed_masks: bool = False,
+    packed_masks: bool = False, layer_axis: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Straight-through masks (STE): the model runs masked, dense weights train.
 
@@ -411,6 +416,7 @@ def straight_through(
       pruned weights can return.
     seed: as in :func:`magnitude_pruning`.
     packed_masks: as in :func:`magnitude_pruning`.
+    layer_axis: as in :func:`magnitude_pruning`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``, last in a chain, whose state
@@ -437,7 +443,8 @@ def straight_through(
   """
   config = _config.make_config(
       schedule, where=where, scope=scope, threshold=threshold, granularity=granularity,
-      distribution=distribution, score=score, seed=seed, packed_masks=packed_masks)
+      distribution=distribution, score=score, seed=seed, packed_masks=packed_masks,
+      layer_axis=layer_axis)
   # Ranked afresh on the dense weights: no score is zeroed at pruned entries.
   config = dataclasses.replace(
       config, score=dataclasses.replace(config.score, zero_when_pruned=True))

@@ -226,11 +226,13 @@ def cuts_by_bisection(
     groups: Sequence[Sequence[jax.Array]],
     counts: Sequence[jax.Array],
     radix_bits: int = RADIX_BITS,
+    mapped: bool = False,
 ) -> list[list[Cut]]:
   """Cuts for independent groups by the radix search; see the module docstring.
 
   Each group is ranked on its own (one leaf per group: layer scope) and has
   ``counts[g]`` (uint32) entries pruned; all groups share one search loop.
+  ``mapped``: traced under ``vmap`` (see :func:`_branch`).
   """
   k = jnp.stack(counts)
   # One loop for all groups, so one key width: float64 if any group needs it
@@ -253,13 +255,25 @@ def cuts_by_bisection(
     remaining = k_group - (jnp.sum(jnp.stack(less), dtype=jnp.uint32) if less
                            else jnp.uint32(0))
     cutoff = lambda x, ties, n_equal, t=threshold: _tie_cutoff(
-        x, ties, n_equal, lambda: _last_tie_by_radix(x, t, ties, radix_bits))
+        x, ties, n_equal, lambda: _last_tie_by_radix(x, t, ties, radix_bits), mapped)
     out.append([Cut(threshold, c) for c in _per_alike_leaf(
         cutoff, group, _ties_to_prune(equal, remaining), equal)])
   return out
 
 
-def _tie_cutoff(x, ties, n_equal, find_last_tie):
+def _branch(pred, if_true, if_false, mapped: bool):
+  """``lax.cond``; under ``vmap`` (``mapped``), both branches and a select.
+
+  ``vmap`` of a ``cond`` whose predicate is mapped runs both branches anyway,
+  and its select of the operands fails for operands split by Explicit mesh
+  axes (jax 0.10), so mapped kernels select the results instead.
+  """
+  if not mapped:
+    return lax.cond(pred, if_true, if_false)
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), if_true(), if_false())
+
+
+def _tie_cutoff(x, ties, n_equal, find_last_tie, mapped=False):
   """Flat index just past the ``ties``-th of the ``n_equal`` ties of ``x``.
 
   Ties (keys equal to the threshold) before it are pruned (see
@@ -270,7 +284,7 @@ def _tie_cutoff(x, ties, n_equal, find_last_tie):
   if x.size == 0:
     return jnp.int32(0)
   search = lambda: find_last_tie().astype(jnp.int32) + 1
-  return lax.cond((ties > 0) & (ties < n_equal), search, lambda: _cutoff_all(x, ties))
+  return _branch((ties > 0) & (ties < n_equal), search, lambda: _cutoff_all(x, ties), mapped)
 
 
 def _cutoff_all(x, ties):
@@ -386,6 +400,7 @@ def cuts_by_histogram(
     groups: Sequence[Sequence[jax.Array]],
     counts: Sequence[jax.Array],
     digit_bits: int = HISTOGRAM_DIGIT_BITS,
+    mapped: bool = False,
 ) -> list[list[Cut]]:
   """Cuts by histograms of key digits; identical to ``cuts_by_sort``.
 
@@ -411,7 +426,8 @@ def cuts_by_histogram(
 
       def cutoff(x, t, n):
         key = magnitude_keys(x, wide)
-        return _tie_cutoff(x, t, n, lambda: _last_tie_by_histogram(x, key, threshold, t))
+        return _tie_cutoff(x, t, n, lambda: _last_tie_by_histogram(x, key, threshold, t),
+                           mapped)
 
       return _per_alike_leaf(cutoff, group, _ties_to_prune(per_leaf, ties), per_leaf)
 
@@ -419,7 +435,7 @@ def cuts_by_histogram(
       return [_cutoff_all(x, ties) for x in group]
 
     # The branches return one scalar per leaf; the masks are written after.
-    cutoffs = lax.cond((ties > 0) & (ties < equal), split_ties, whole_ties)
+    cutoffs = _branch((ties > 0) & (ties < equal), split_ties, whole_ties, mapped)
     out.append([Cut(threshold, c) for c in cutoffs])
   return out
 
@@ -523,11 +539,31 @@ def masks_of_alike_leaves(
   return [masks[j] for j in range(len(leaves))]
 
 
-def _cuts_for_counts(groups, counts, method, radix_bits):
+def masks_of_layers(stacked: jax.Array, counts: jax.Array, method: str,
+                    *, radix_bits: int = RADIX_BITS) -> jax.Array:
+  """The keep-mask of a leaf whose leading axis stacks layers, each layer
+  ``l`` ranked on its own and losing ``counts[l]`` entries.
+
+  One kernel instance mapped over the layers (``vmap``): the compiled
+  program does not grow with their number, no layer is copied out, and a
+  layer axis split over devices stays split (each device ranks its layers).
+  Its temporaries are those of ranking the whole leaf.
+  """
+  if stacked.size == 0:
+    return jnp.ones(stacked.shape, jnp.bool_)
+
+  def one(x, k):
+    (cut,), = _cuts_for_counts([[x]], [k], method, radix_bits, mapped=True)
+    return keep_mask(x, cut)
+
+  return jax.vmap(one)(stacked, _placement.like_axis(counts, stacked))
+
+
+def _cuts_for_counts(groups, counts, method, radix_bits, mapped=False):
   if method == "bisect":
-    return cuts_by_bisection(groups, counts, radix_bits) if groups else []
+    return cuts_by_bisection(groups, counts, radix_bits, mapped=mapped) if groups else []
   if method == "histogram":
-    return cuts_by_histogram(groups, counts)
+    return cuts_by_histogram(groups, counts, mapped=mapped)
   if method == "sort":
     return [cuts_by_sort(group, k) for group, k in zip(groups, counts)]
   raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
@@ -549,7 +585,10 @@ def keep_masks_for_counts(
 
   Args:
     groups: groups of floating arrays; each group is ranked together.
-    counts: per group, a uint32 scalar in [0, group size].
+    counts: per group, a uint32 scalar in [0, group size]; or, for a group of
+      one leaf whose leading axis stacks layers (a scanned layer stack), a
+      vector over that axis: each layer loses its own count
+      (:func:`masks_of_layers`).
     method: one of ``METHODS`` (resolve ``"auto"`` with :func:`choose_method`).
     radix_bits: bits decided per round of the radix search (``"bisect"``).
 
@@ -559,8 +598,11 @@ def keep_masks_for_counts(
   if method not in METHODS:
     raise ValueError(f"unknown threshold method {method!r}; expected {METHODS}.")
   counts = [jnp.asarray(k, jnp.uint32) for k in counts]
-  lone = [g for g, group in enumerate(groups) if len(group) == 1]
   out: list = [None] * len(groups)
+  for g, (group, k) in enumerate(zip(groups, counts)):
+    if k.ndim:  # One stacked leaf, its layers ranked each on its own.
+      out[g] = [masks_of_layers(group[0], k, method, radix_bits=radix_bits)]
+  lone = [g for g, group in enumerate(groups) if len(group) == 1 and out[g] is None]
   for members in _alike([groups[g][0] for g in lone]):
     if len(members) > 1:
       chosen = [lone[m] for m in members]

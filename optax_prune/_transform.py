@@ -10,7 +10,7 @@ step :func:`apply_masks` shapes the updates. This module only wires them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +62,10 @@ class MagnitudePruningState(NamedTuple):
   #                             of each pruned leaf, in the order of
   #                             `jax.tree.leaves(masks)`, at its last mask
   #                             update (of its units; with "erk", its share).
-  pruned_units: jax.Array  # int32 (pruned leaves,), same order: the units
-  #                          each pruned leaf has lost (exact counts).
+  pruned_units: jax.Array  # int32 (parts,), same order: the units each
+  #                          pruned leaf has lost (exact counts); a leaf
+  #                          that stacks layers (`layer_axis`) takes one
+  #                          entry per layer.
   # Per-step checks read one leaf, the smallest pruned one (the sentinel):
   # the mistakes they catch touch every leaf alike, and a read of all params
   # would cost 10-20% of a memory-bound step.
@@ -92,6 +94,7 @@ def magnitude_pruning(
     score: Union[str, _scores.ScoreFn] = "magnitude",
     seed: int = 0,
     packed_masks: bool = False,
+    layer_axis: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradual magnitude pruning as the last link of an optax chain.
 
@@ -179,6 +182,18 @@ def magnitude_pruning(
       byte along each leaf's last axis) instead of one bool per entry: 8x
       smaller, unpacked inside the jitted step where read. A packed mask keeps
       its param's ``PartitionSpec``; read it with :func:`unpack_masks`.
+    layer_axis: for leaves that stack layers (``nn.scan``, ``nnx.scan``,
+      ``lax.scan`` over a leading layer axis: a 24-layer transformer's query
+      kernels as one ``(24, d, d)`` leaf), the axis that stacks them; each
+      layer is then pruned as if it were its own leaf: ``round(s * n)`` units
+      per layer under layer scope, each layer a layer of ERK, the
+      granularity applied to each layer (``n_of_m(axis=...)`` and
+      ``channels(axis=...)`` count a layer's axes), ranked with the other
+      leaves, layer after layer, under global scope. ``None`` (default: no
+      stacks), an int for every pruned leaf, a pytree prefix of those, or
+      :func:`by_path` rules (``by_path({"layers": 0}, default=None)``).
+      ``pruned_units`` in the state then holds one entry per layer of a
+      stack; ``target_sparsity`` one per leaf (the mean of its layers').
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
@@ -214,7 +229,13 @@ def magnitude_pruning(
   config = _config.make_config(
       schedule, where=where, scope=scope, threshold=threshold,
       granularity=granularity, distribution=distribution, score=score, seed=seed,
-      packed_masks=packed_masks)
+      packed_masks=packed_masks, layer_axis=layer_axis)
+  if coupled is not None and layer_axis is not None:
+    raise ValueError(
+        "`layer_axis` cannot be combined with `coupled_channels` yet: the channel"
+        " groups of a scanned layer stack are not traced per layer. Prune the"
+        " stack with a per-leaf granularity (`channels(axis=...)`, which"
+        " `layer_axis` applies to each layer), or unscan the model.")
   tx = masking(config, rule)
   if coupled is None:
     return tx
@@ -273,7 +294,7 @@ def init_state(config: _config.PruningConfig, params: Any,
   masks = [_placement.ones_like(x) if p else optax.MaskedNode()
            for x, p in zip(leaves, plan.pruned)]
   targets = [jnp.zeros((), jnp.float32)] * len(leaves)
-  pruned = [jnp.zeros((), jnp.int32) if p else None for p in plan.pruned]
+  pruned = [jnp.zeros(n, jnp.int32) if p else None for p, n in zip(plan.pruned, plan.parts)]
   if initial_score is not None:
     count = jnp.zeros((), jnp.int32)
     inputs = _rules.MaskInputs(params=leaves, updates=leaves, masks=list(masks),
@@ -282,11 +303,13 @@ def init_state(config: _config.PruningConfig, params: Any,
     for schedule in plan.schedules:
       new = _rules.prune_smallest(dataclasses.replace(schedule, score=initial_score),
                                   schedule.schedule(count).sparsity, inputs)
-      for field, values in zip((masks, targets, pruned), new):
-        for leaf, value in zip(schedule.leaves, values):
-          field[leaf.index] = value
-  stack = lambda values, dtype: jnp.asarray(
-      [values[i] for i in plan.pruned_indices], dtype).reshape(-1)
+      for leaf, mask, target, lost in zip(
+          schedule.leaves, new.masks, new.targets,
+          _split(new.pruned_units, [leaf.layers for leaf in schedule.leaves])):
+        masks[leaf.index], targets[leaf.index], pruned[leaf.index] = mask, target, lost
+  stack = lambda values, dtype: jnp.concatenate(
+      [jnp.zeros(0, dtype)] + [jnp.asarray(values[i], dtype).reshape(-1)
+                               for i in plan.pruned_indices])
   return MagnitudePruningState(
       count=jnp.zeros((), jnp.int32),
       masks=plan.treedef.unflatten(
@@ -338,7 +361,7 @@ def mask_step(
         params=ranked_leaves,
         updates=update_leaves,
         masks=_read(plan, layout, stored, param_leaves),
-        pruned_units=_per_leaf(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)),
+        pruned_units=_per_part(plan, jnp.asarray(state.pruned_units).astype(jnp.int32)),
         key=_scores.step_key(config.seed, state.count),
         count=jnp.asarray(state.count, jnp.int32),
         grads=grad_leaves,
@@ -390,20 +413,24 @@ def new_masks(
 
   decide = _DECIDE[update_masks]
   skipped = jnp.zeros((), bool)
-  position = {i: j for j, i in enumerate(plan.pruned_indices)}  # Leaf -> vector entry.
+  # Leaf -> its entry of `targets`, and its entries of `pruned` (its parts).
+  position = {i: j for j, i in enumerate(plan.pruned_indices)}
+  starts = np.cumsum([0] + [plan.parts[i] for i in plan.pruned_indices])
+  parts = {i: range(starts[j], starts[j + 1]) for i, j in position.items()}
   for schedule in plan.schedules:
     target = schedule.schedule(state.count)
     indices = [leaf.index for leaf in schedule.leaves]
-    # One gather and one scatter per schedule for the state's vectors.
+    # One gather and one scatter per schedule for each of the state's vectors.
     at = jnp.asarray([position[i] for i in indices], jnp.int32)
-    old = _rules.MaskUpdate([masks[i] for i in indices], targets[at], pruned[at])
+    at_parts = jnp.asarray([p for i in indices for p in parts[i]], jnp.int32)
+    old = _rules.MaskUpdate([masks[i] for i in indices], targets[at], pruned[at_parts])
     new, skipped_here = decide(
         target.update, lambda s=schedule, x=target.sparsity: run(s, x), old)
     skipped = skipped | skipped_here
     for i, mask in zip(indices, new.masks):
       masks[i] = mask
     targets = targets.at[at].set(new.targets)
-    pruned = pruned.at[at].set(new.pruned_units)
+    pruned = pruned.at[at_parts].set(new.pruned_units)
   return masks, targets, pruned, skipped
 
 
@@ -433,12 +460,22 @@ def _read(plan: _plan.Plan, layout: _bits.MaskLayout, stored: list, params: list
           for m, x, p in zip(stored, params, plan.pruned)]
 
 
-def _per_leaf(plan: _plan.Plan, vector: jax.Array) -> list:
-  """A vector over the pruned leaves as a list over all leaves (None elsewhere)."""
+def _per_part(plan: _plan.Plan, vector: jax.Array) -> list:
+  """The state's ``pruned_units`` as a list over all leaves (None where
+  unpruned): a scalar per leaf, a vector over the layers of a stack."""
   out = [None] * len(plan.pruned)
-  for j, i in enumerate(plan.pruned_indices):
-    out[i] = vector[j]
+  stacked = {leaf.index: isinstance(leaf.granularity, _granularity.PerLayer)
+             for s in plan.schedules for leaf in s.leaves}
+  pieces = _split(vector, [plan.parts[i] for i in plan.pruned_indices])
+  for i, piece in zip(plan.pruned_indices, pieces):
+    out[i] = piece if stacked[i] else piece[0]
   return out
+
+
+def _split(vector: jax.Array, sizes: Sequence[int]) -> list:
+  """``vector`` cut into consecutive pieces of ``sizes``."""
+  starts = np.cumsum([0] + list(sizes))
+  return [vector[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
 def apply_masks(plan: _plan.Plan, inputs: _rules.MaskInputs, masks: list) -> Any:
@@ -502,14 +539,15 @@ def _state_masks(plan: _plan.Plan, state: MagnitudePruningState, params: list,
     leaves = None
   if leaves is None or [_paths.is_masked(x) for x in leaves] != [
       not p for p in plan.pruned
-  ] or any(jnp.shape(v) != (len(plan.pruned_indices),)
-           for v in (state.target_sparsity, state.pruned_units)) or any(
+  ] or jnp.shape(state.target_sparsity) != (len(plan.pruned_indices),) or (
+      jnp.shape(state.pruned_units) != (sum(plan.parts),)) or any(
                jnp.shape(m) != layout.stored_shape(jnp.shape(x))
                for m, x, p in zip(leaves, params, plan.pruned) if p):
     raise ValueError(
         "`params` do not match the pruning state: it was built by `init`"
-        " for params of another structure. Call `tx.init(params)` with the"
-        " params you update."
+        " for params of another structure (or another `layer_axis`: a stack"
+        " takes one `pruned_units` entry per layer). Call `tx.init(params)`"
+        " with the params you update."
     )
   wrong = jnp.bool_ if layout.packed else jnp.uint8
   if any(m.dtype == wrong for m, p in zip(leaves, plan.pruned) if p):

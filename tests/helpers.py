@@ -12,12 +12,15 @@ import optax
 import optax_prune
 
 
-def params(seed=0, dtype=jnp.float32, twin=False):
+def params(seed=0, dtype=jnp.float32, twin=False, stack=False):
   """A small CNN's params: kernels of 4-D and 2-D, biases of 1-D.
 
   With ``twin``, one more layer of the dense layer's shapes, last in leaf
   order: lone leaves of one shape are ranked by one kernel in a loop
   (``_thresholds.masks_of_alike_leaves``), which the contract battery runs.
+  With ``stack``, a scanned stack of 3 such layers (``"stack"``, kernel
+  ``(3, 32, 16)`` and bias ``(3, 16)``, before ``"twin"``), for
+  ``layer_axis=STACKED``.
   """
   rng = np.random.default_rng(seed)
   tree = {
@@ -27,7 +30,14 @@ def params(seed=0, dtype=jnp.float32, twin=False):
   }
   if twin:
     tree["twin"] = {"kernel": rng.standard_normal((32, 16)), "bias": rng.standard_normal(16)}
+  if stack:
+    tree["stack"] = {"kernel": rng.standard_normal((3, 32, 16)),
+                     "bias": rng.standard_normal((3, 16))}
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+# The layer axis of `params(stack=True)`.
+STACKED = optax_prune.by_path({r"\['stack'\]": 0}, default=None)
 
 
 def loss(tree):

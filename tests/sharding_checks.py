@@ -69,7 +69,12 @@ LEAVES = {
     "small_split": ((16, 64), P(None, "model")),
     "small_whole": ((6, 10), P()),  # Replicated: "auto" may sort it.
     "bias": ((128,), P()),  # Not pruned.
+    # A scanned stack of 4 layers (`layer_axis=0`), its layer axis split over
+    # "data" and each layer's outputs over "model": each layer is ranked on
+    # its own (layer scope), each device its own layers.
+    "stack": ((4, 32, 64), P("data", None, "model")),
 }
+LAYER_AXIS = optax_prune.by_path({"stack": 0}, default=None)
 
 
 # Structured granularities on the same placed leaves (the (6, 10) leaf stays
@@ -136,7 +141,8 @@ def make_tx(scope: str, method: str, packed: bool = False):
       optax.adam(0.1),
       # Uniform: the NumPy reference prunes each leaf at the scheduled sparsity.
       optax_prune.magnitude_pruning(SCHEDULE, scope=scope, threshold=method,
-                                    distribution="uniform", packed_masks=packed),
+                                    distribution="uniform", packed_masks=packed,
+                                    layer_axis=LAYER_AXIS),
   )
 
 
@@ -166,16 +172,21 @@ def _only_counts(op: str, result_type: str, method: str) -> bool:
 
   Bisect: a few integers per round. Histogram: integer scalars (the per-step
   counts), uint32 histograms of 2**16 and
-  2**15 counts (larger than any leaf here) and, for split ties, two levels of
-  about sqrt(leaf size) counts; a leaf of keys (up to 2**14 entries here)
-  would be neither.
+  2**15 counts (larger than any leaf here; one per layer of a stack ranked
+  per layer) and, for split ties, two levels of about sqrt(leaf size) counts
+  (per layer); a leaf of keys (up to 2**14 entries here) would be neither.
   """
+  arrays = re.findall(r"(\w+)\[([0-9,]*)\]", result_type)
+  if all(dtype in ("u32", "s32") and elements(f"[{dims}]") <= 16 for dtype, dims in arrays):
+    # A few integers: under Auto axes XLA may split the count vector of a
+    # stack whose layer axis is split and move it with any collective.
+    return True
   if op != "all-reduce":
     return False
-  if method == "histogram":
-    arrays = re.findall(r"(\w+)\[([0-9,]*)\]", result_type)
-    return all(dtype in ("u32", "s32") and (elements(f"[{dims}]") in (2**16, 2**15)
-                                   or elements(f"[{dims}]") <= 256)
+  if method in ("histogram", "auto"):  # "auto" picks histogram for the global group.
+    histograms = {n * size for n in range(1, 5) for size in (2**16, 2**15)}
+    return all(dtype in ("u32", "s32") and (elements(f"[{dims}]") in histograms
+                                           or elements(f"[{dims}]") <= 1024)
                for dtype, dims in arrays)
   return elements(result_type) <= 16
 
@@ -194,10 +205,14 @@ def mask_leaves(opt_state) -> dict:
 
 
 def reference_masks(params: dict, scope: str, sparsity) -> dict:
-  """NumPy reference masks; global scope ranks leaves in the params' order."""
+  """NumPy reference masks; global scope ranks leaves in the params' order
+  (a stack's layers in order), layer scope each leaf and each layer of the
+  stack on its own."""
   pruned = [n for n in sorted(params) if params[n].ndim >= 2]
   if scope == "layer":
-    return {n: reference.keep_masks([params[n]], sparsity)[0] for n in pruned}
+    per_layer = lambda x: np.stack([reference.keep_masks([y], sparsity)[0] for y in x])
+    return {n: per_layer(params[n]) if n == "stack" else
+            reference.keep_masks([params[n]], sparsity)[0] for n in pruned}
   return dict(zip(pruned, reference.keep_masks([params[n] for n in pruned], sparsity)))
 
 
@@ -376,7 +391,7 @@ def make_structured_tx(name: str):
   granularity, score = STRUCTURED[name]
   return optax.chain(optax.adam(0.1), optax_prune.magnitude_pruning(
       SCHEDULE, granularity=optax_prune.by_path({"small_whole": None}, granularity),
-      score=score, threshold="bisect"))
+      score=score, threshold="bisect", layer_axis=LAYER_AXIS))
 
 
 def check_structured(results: Results, axes: str, name: str):
@@ -416,9 +431,9 @@ def check_structured(results: Results, axes: str, name: str):
 # same gather-free kernels: masks update at steps 1 and 2.
 SPARSE_TRAINING = {
     "rigl": lambda: optax_prune.rigl(optax.adam(0.1), 0.75, end_step=3, frequency=1,
-                                     threshold="histogram"),
+                                     threshold="histogram", layer_axis=LAYER_AXIS),
     "ste": lambda: optax.chain(optax.adam(0.1), optax_prune.straight_through(
-        SCHEDULE, threshold="histogram", distribution="uniform")),
+        SCHEDULE, threshold="histogram", distribution="uniform", layer_axis=LAYER_AXIS)),
 }
 
 
@@ -477,7 +492,7 @@ def check_packed(results: Results, axes: str, one_device: list[tuple[dict, dict]
       step = jax.jit(train_step(tx))
       compiled = step.lower(params, opt_state).compile()
       problems = [f"{op} {ty}" for op, ty in collectives(compiled.as_text())
-                  if op != "all-reduce" or elements(ty) > 16]
+                  if not _only_counts(op, ty, "bisect")]
       recompiles = 0
       for t in range(STEPS):
         before_count = compiles.count
@@ -511,12 +526,12 @@ def check_prune(results: Results, axes: str):
     sparsity = 0.6
     one = jax.device_put(host_params(), jax.devices()[0])
     one_pruned, one_masks = optax_prune.prune(one, sparsity, threshold="bisect",
-                                              distribution="uniform")
+                                              distribution="uniform", layer_axis=LAYER_AXIS)
     mesh = make_mesh(axes)
     with mesh_context(mesh, axes):
       params, shardings = placed(mesh)
       pruned, masks = optax_prune.prune(params, sparsity, threshold="bisect",
-                                        distribution="uniform")
+                                        distribution="uniform", layer_axis=LAYER_AXIS)
     want = reference_masks(host_params(), "layer", sparsity)
     problems = []
     for n, m in masks.items():

@@ -17,6 +17,10 @@ with mask updates at steps 0, 4 and 8, and must keep the contract:
 * one compile for the whole run, and an eager update equal to the jitted one;
 * for unstructured magnitude masks, equality with the NumPy reference.
 
+The params hold a scanned stack of layers (`layer_axis`): each of its layers
+is held to the contract as a leaf of its own (counts, ERK shares, the
+reference's ranking, in leaf order), so every option runs per layer too.
+
 A new option joins the battery by adding its values to `FACTORS`.
 """
 
@@ -31,7 +35,8 @@ from tests import reference
 
 SCHEDULE = optax_prune.polynomial_schedule(0.75, begin_step=0, end_step=8, frequency=4)
 STEPS = 10
-KERNELS = ("conv", "dense", "out", "twin")  # "twin": the dense shape again.
+# "twin": the dense shape again; "stack": 3 such layers in one leaf.
+KERNELS = ("conv", "dense", "out", "stack", "twin")
 
 FACTORS = {
     "score": ["magnitude", "saliency", "random"],
@@ -108,7 +113,7 @@ def test_contract(config):
     stored = [pstate.masks[k]["kernel"] for k in KERNELS]
     assert all(m.dtype == (np.uint8 if config["masks"] == "packed" else bool) for m in stored)
     read = optax_prune.unpack_masks(pstate.masks, after)
-    masks = [np.asarray(read[k]["kernel"]) for k in KERNELS]
+    masks = _layers([read[k]["kernel"] for k in KERNELS])
     assert all(isinstance(pstate.masks[k]["bias"], optax.MaskedNode) for k in KERNELS)
     target = SCHEDULE(t)
     sparsity = float(target.sparsity)
@@ -122,7 +127,7 @@ def test_contract(config):
       else:
         assert sum(counts) == total, (t, counts, total)
       if granularity is None and config["score"] == "magnitude":
-        kernels = [np.asarray(before[k]["kernel"], np.float32) for k in KERNELS]
+        kernels = _layers([np.asarray(before[k]["kernel"], np.float32) for k in KERNELS])
         if config["scope"] == "global":
           expected = reference.keep_masks(kernels, sparsity)
         elif config["distribution"] == "uniform":
@@ -139,11 +144,19 @@ def test_contract(config):
     if previous is not None:
       for got, old in zip(masks, previous):
         assert not (got & ~old).any(), "a pruned entry was revived"
-    for k, m in zip(KERNELS, masks):
-      assert after[k]["kernel"].dtype == config["dtype"]
-      kept_out = np.asarray(after[k]["kernel"], np.float32)[~m]
-      assert (kept_out == 0).all(), f"step {t}: pruned weights of {k} are not 0"
+    weights = _layers([np.asarray(after[k]["kernel"], np.float32) for k in KERNELS])
+    assert all(after[k]["kernel"].dtype == config["dtype"] for k in KERNELS)
+    for j, (x, m) in enumerate(zip(weights, masks)):
+      assert (x[~m] == 0).all(), f"step {t}: pruned weights of kernel {j} are not 0"
     previous = masks
+
+
+def _layers(per_kernel):
+  """NumPy arrays per kernel, the stack's layers each in its place."""
+  out = []
+  for k, x in zip(KERNELS, per_kernel):
+    out.extend(list(np.asarray(x)) if k == "stack" else [np.asarray(x)])
+  return out
 
 
 def _smallest_pruned(x, n):
@@ -158,12 +171,13 @@ def _transformation(config):
   kwargs = {k: v for k, v in config.items()
             if k not in ("optimizer", "dtype", "masks", "mask_step")}
   kwargs["packed_masks"] = config["masks"] == "packed"
+  kwargs["layer_axis"] = helpers.STACKED
   return optax.chain(OPTIMIZERS[config["optimizer"]](),
                      optax_prune.magnitude_pruning(SCHEDULE, **kwargs))
 
 
 def _params(config):
-  return helpers.params(dtype=config["dtype"], twin=True)
+  return helpers.params(dtype=config["dtype"], twin=True, stack=True)
 
 
 # Eager runs are slow to dispatch: two configurations, structured and not.

@@ -256,3 +256,142 @@ def test_compiled_step_grows_linearly_and_ranks_alike_leaves_by_one_kernel(kwarg
   assert len(double) <= 2.1 * len(small)
   for op in (" sort(", " while(", " scatter("):
     assert deep.count(op) == small.count(op), op
+
+
+# Scanned layer stacks (`layer_axis`): each layer pruned as a leaf of its own.
+
+_LAYERS = 3
+
+
+def _stack_and_layers(dtype=jnp.float32, axis=0):
+  """A scanned model's params (a stack of 3 layers along ``axis`` and a plain
+  leaf before it) and the unscanned model with the same weights, its layers
+  named in slice order. Ties: one layer all zeros, another on a grid; a NaN."""
+  rng = np.random.default_rng(3)
+  layers = rng.standard_normal((_LAYERS, 8, 12)).astype(np.float32)
+  layers[0] = 0.0
+  layers[1] = np.round(layers[1])
+  layers[2, 0, 0] = np.nan
+  first = rng.standard_normal((12, 8)).astype(np.float32)
+  scanned = {"a": {"kernel": first}, "stack": {"kernel": np.moveaxis(layers, 0, axis)}}
+  unscanned = {"a": {"kernel": first}} | {f"stack_{j}": {"kernel": x}
+                                          for j, x in enumerate(layers)}
+  as_dtype = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+  return as_dtype(scanned), as_dtype(unscanned)
+
+
+def _layer_masks(masks, axis=0):
+  return [np.asarray(masks["a"]["kernel"])] + list(np.moveaxis(
+      np.asarray(masks["stack"]["kernel"]), axis, 0))
+
+
+def _unscanned_masks(masks):
+  return [np.asarray(masks["a"]["kernel"])] + [
+      np.asarray(masks[f"stack_{j}"]["kernel"]) for j in range(_LAYERS)]
+
+
+_SCHEDULE = optax_prune.polynomial_schedule(0.8, begin_step=0, end_step=2, frequency=1)
+_STACK_RULES = {
+    "erk": lambda **kw: optax_prune.magnitude_pruning(_SCHEDULE, **kw),
+    "uniform-bisect": lambda **kw: optax_prune.magnitude_pruning(
+        _SCHEDULE, distribution="uniform", threshold="bisect", **kw),
+    "global-histogram": lambda **kw: optax_prune.magnitude_pruning(
+        _SCHEDULE, scope="global", threshold="histogram", **kw),
+    "n_of_m": lambda **kw: optax_prune.magnitude_pruning(
+        0.5, granularity=optax_prune.n_of_m(2, 4, axis=0), **kw),
+    "channels": lambda **kw: optax_prune.magnitude_pruning(
+        _SCHEDULE, granularity=optax_prune.channels(axis=-1), **kw),
+    "blocks": lambda **kw: optax_prune.magnitude_pruning(
+        0.5, granularity=optax_prune.blocks((2, 4)), scope="global", **kw),
+    "straight_through": lambda **kw: optax_prune.straight_through(_SCHEDULE, **kw),
+}
+
+
+@pytest.mark.parametrize("rule", list(_STACK_RULES))
+def test_a_scanned_stack_gets_the_masks_of_its_unscanned_layers(rule):
+  scanned, unscanned = _stack_and_layers()
+  out = []
+  for params, kwargs in ((scanned, {"layer_axis": {"a": None, "stack": 0}}), (unscanned, {})):
+    tx = optax.chain(optax.sgd(0.1, momentum=0.9), _STACK_RULES[rule](**kwargs))
+    runs = list(helpers.train(tx, params, 3))
+    out.append([optax_prune.unpack_masks(optax_prune.find_pruning_state(s).masks, p)
+                for _, _, s, p in runs])
+  for step, (got, want) in enumerate(zip(*out)):
+    for g, w in zip(_layer_masks(got), _unscanned_masks(want)):
+      np.testing.assert_array_equal(g, w, err_msg=f"step {step}")
+  assert not _layer_masks(out[0][-1])[1].all()
+
+
+@pytest.mark.parametrize("dtype,axis", [(jnp.float32, 2), (jnp.bfloat16, 0)])
+def test_each_layer_of_a_stack_loses_round_s_n_as_the_reference_ranks_it(dtype, axis):
+  scanned, _ = _stack_and_layers(dtype, axis)
+  sparsity = 0.7
+  tx = optax_prune.magnitude_pruning(sparsity, distribution="uniform", layer_axis=by_stack(axis))
+  state = tx.init(scanned)
+  _, state = jax.jit(tx.update)(scanned, state, scanned)
+  masks = _layer_masks(state.masks, axis)
+  layers = [np.asarray(scanned["a"]["kernel"], np.float32)] + list(
+      np.moveaxis(np.asarray(scanned["stack"]["kernel"], np.float32), axis, 0))
+  for got, x in zip(masks, layers):
+    np.testing.assert_array_equal(got, reference.keep_masks([x], sparsity)[0])
+  # One entry per layer in `pruned_units`; one target per leaf.
+  np.testing.assert_array_equal(
+      state.pruned_units, [reference.prune_count(sparsity, 96)] * (1 + _LAYERS))
+  np.testing.assert_array_equal(state.target_sparsity, np.float32([sparsity] * 2))
+
+
+def by_stack(axis):
+  return optax_prune.by_path({"stack": axis}, default=None)
+
+
+def test_rigl_drops_and_grows_within_each_layer_of_a_stack():
+  scanned, _ = _stack_and_layers()
+  scanned = jax.tree.map(lambda x: jnp.nan_to_num(x) + 0.01, scanned)
+  tx = optax_prune.rigl(optax.sgd(0.1), 0.75, end_step=4, frequency=1,
+                        distribution="uniform", layer_axis=by_stack(0))
+  state = tx.init(scanned)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(helpers.loss)(p), s, p))
+  masks = [_layer_masks(state.masks.masks)]
+  for _ in range(3):
+    updates, state = step(scanned, state)
+    scanned = optax.apply_updates(scanned, updates)
+    masks.append(_layer_masks(state.masks.masks))
+  for before, after in zip(masks, masks[1:]):
+    for b, a in zip(before, after):
+      assert int((~a).sum()) == reference.prune_count(0.75, 96)  # Exact per layer.
+  assert any(not np.array_equal(b, a) for b, a in zip(masks[0], masks[-1]))
+  np.testing.assert_array_equal(state.masks.pruned_units, [72] * (1 + _LAYERS))
+
+
+def test_a_state_of_another_layer_axis_and_a_bad_axis_are_clear_errors():
+  scanned, _ = _stack_and_layers()
+  state = optax_prune.magnitude_pruning(0.5).init(scanned)
+  tx = optax_prune.magnitude_pruning(0.5, layer_axis=by_stack(0))
+  with pytest.raises(ValueError, match="another `layer_axis`"):
+    tx.update(scanned, state, scanned)
+  with pytest.raises(ValueError, match=r"`layer_axis=3` does not fit leaf \['stack'\]"):
+    optax_prune.magnitude_pruning(0.5, layer_axis=by_stack(3)).init(scanned)
+  with pytest.raises(ValueError, match="`layer_axis=0` does not fit leaf"):
+    optax_prune.magnitude_pruning(0.5, where=lambda p, x: True, layer_axis=0).init(
+        {"b": jnp.ones(4)})
+  with pytest.raises(ValueError, match="`layer_axis` must be None, an int"):
+    optax_prune.magnitude_pruning(0.5, layer_axis=0.5)
+  with pytest.raises(ValueError, match=r"n_of_m.*\['stack'\]\['kernel'\] \(a layer of it\)"):
+    optax_prune.magnitude_pruning(0.5, granularity=optax_prune.n_of_m(2, 8, axis=1),
+                                  layer_axis=by_stack(0)).init(scanned)
+
+
+def test_one_shot_prune_and_sensitivity_take_a_stack_per_layer():
+  scanned, unscanned = _stack_and_layers()
+  for compare in ("leaf", "output"):
+    _, masks = optax_prune.prune(scanned, 0.6, compare=compare, layer_axis=by_stack(0))
+    _, want = optax_prune.prune(unscanned, 0.6, compare=compare)
+    for g, w in zip(_layer_masks(masks), _unscanned_masks(want)):
+      np.testing.assert_array_equal(g, w, err_msg=compare)
+  # One curve for the stack: all its layers pruned, each by round(s * n).
+  seen = []
+  report = optax_prune.sensitivity(
+      scanned, lambda p: seen.append(p) or 0.0, [0.5], layer_axis=by_stack(0))
+  assert list(report.losses) == ["['a']['kernel']", "['stack']['kernel']"]
+  stack = np.asarray(seen[-1]["stack"]["kernel"])
+  assert [int((layer == 0).sum()) for layer in stack[1:]] == [48, 48]
