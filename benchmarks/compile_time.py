@@ -353,6 +353,15 @@ def plot(records: Sequence[dict], path: pathlib.Path,
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  if not any(r["model"] == "mlp" for r in records):  # `--models`: bars per link.
+    done = [r for r in records if r.get("status") == "ok"]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(done) + 1))
+    ax.barh([f"{r['model']} {r['link']}" for r in done], [r["compile_s"] for r in done])
+    ax.invert_yaxis()
+    ax.set_xlabel("train step compile time (s)")
+    ax.set_title("Compile time per pruning link (CPU)")
+    _common.save_figure(fig, path)
+    return
   fig, ax = plt.subplots(figsize=(8, 4))
   for link in ("adam", "default"):
     points = sorted((r["pruned_leaves"] if link != "adam" else r["depth"], r["compile_s"])
