@@ -31,6 +31,7 @@ from optax_prune._granularity import n_of_m
 from optax_prune._granularity import unstructured
 from optax_prune._oneshot import prune
 from optax_prune._paths import by_path
+from optax_prune._paths import layer_axes
 from optax_prune._schedules import constant_schedule
 from optax_prune._schedules import from_optax_schedule
 from optax_prune._schedules import log_schedule
@@ -82,6 +83,7 @@ __all__ = (
     "StraightThroughState",
     "blocks",
     "by_path",
+    "layer_axes",
     "channel_groups",
     "channels",
     "compact",

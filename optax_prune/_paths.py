@@ -1,7 +1,8 @@
 """Which value and which mask belong to which leaf of the params.
 
 * :func:`by_path` rules and pytree prefixes both give one setting per leaf
-  (:func:`per_leaf`);
+  (:func:`per_leaf`); :func:`layer_axes` makes ``layer_axis`` rules from the
+  axis names flax records;
 * :func:`default_where` is the rule for the leaves pruned by default;
 * :func:`normalized` is the path rules and predicates see: an nnx
   ``Variable``'s trailing ``.value`` dropped, so linen, nnx and plain pytrees
@@ -76,6 +77,71 @@ def by_path(rules: Mapping[str, Any], default: Any) -> PathRules:
     except re.error as e:
       raise ValueError(f"`rules` pattern {pattern!r} is not a regular expression: {e}") from e
   return PathRules(tuple(rules.items()), default)
+
+
+def layer_axes(tree: Any, axis_name: str = "layers") -> PathRules:
+  r"""``layer_axis`` rules from the axis names that flax records on params.
+
+  flax records a scanned stack's layer axis by name where the params carry
+  axis names: linen's ``nn.scan(..., metadata_params={nn.PARTITION_NAME:
+  "layers"})`` over layers whose params are boxed by ``nn.with_partitioning``
+  (``nn.Partitioned.names``), and nnx's ``nnx.scan`` / ``nnx.vmap`` with
+  ``transform_metadata={nnx.PARTITION_NAME: "layers"}`` over ``Variable``\s
+  that have ``out_sharding`` metadata. Pass the params as flax holds them
+  (linen's boxed ``variables["params"]``, ``nnx.state(model, nnx.Param)``);
+  the rules match the unboxed or pure params that ``update`` then gets.
+
+  Args:
+    tree: params with linen boxes or nnx ``Variable``\s.
+    axis_name: the name given to the layer axis.
+
+  Returns:
+    :func:`by_path` rules: each leaf whose names hold ``axis_name`` gets its
+    position, every other leaf None.
+
+  Raises:
+    ValueError: no leaf records ``axis_name`` (the names seen are listed).
+
+  Examples:
+    >>> import jax, flax.linen as nn, optax_prune
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, _):
+    ...     init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "mlp"))
+    ...     return nn.Dense(4, kernel_init=init)(x), None
+    >>> stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+    ...                 length=3, metadata_params={nn.PARTITION_NAME: "layers"})
+    >>> params = stack().init(jax.random.key(0), jax.numpy.ones((2, 4)), None)["params"]
+    >>> optax_prune.layer_axes(params, "layers").rules
+    (("^\\['Dense_0'\\]\\['kernel'\\]$", 0),)
+  """
+  is_box = lambda x: hasattr(x, "get_metadata") or hasattr(x, "unbox")
+  rules, seen = {}, set()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]:
+    names = _axis_names(leaf) if is_box(leaf) else None
+    seen.update(n for n in names or () if n is not None)
+    if names and axis_name in names:
+      key = jax.tree_util.keystr(normalized(path))
+      rules["^" + re.escape(key) + "$"] = tuple(names).index(axis_name)
+  if not rules:
+    raise ValueError(
+        f"no leaf of the tree records an axis named {axis_name!r} (names seen:"
+        f" {sorted(map(str, seen)) or 'none'}). flax records a scanned layer axis only"
+        " on params with axis names (linen `nn.with_partitioning` and"
+        " `metadata_params={nn.PARTITION_NAME: ...}`, nnx `out_sharding` and"
+        " `transform_metadata`), and only on the boxed params. Otherwise pass"
+        " `layer_axis` yourself: `by_path({pattern: axis}, default=None)`.")
+  return by_path(rules, default=None)
+
+
+def _axis_names(box: Any) -> Optional[tuple]:
+  """The axis names of a linen box (``.names``) or an nnx ``Variable``
+  (its ``out_sharding`` or ``sharding_names`` metadata), if any."""
+  names = getattr(box, "names", None)
+  if names is None and hasattr(box, "get_metadata"):
+    metadata = box.get_metadata()
+    names = metadata.get("out_sharding") or metadata.get("sharding_names")
+  return tuple(names) if isinstance(names, (tuple, list)) else None
 
 
 def spec_values(spec: Any, is_leaf: Callable[[Any], bool]) -> list:

@@ -1,5 +1,6 @@
 """Per-leaf settings by path rules and prefixes; pairing masks with leaves."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -40,3 +41,68 @@ def test_pair_masks_reads_masked_nodes_as_unpruned():
   assert [m is None for m in paired] == [True, False]
   with pytest.raises(ValueError, match="`masks` must have the structure of `tree`"):
     _paths.pair_masks(tree, {"w": masks["w"]}, "tree")
+
+
+def _linen_scanned(layers=3):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "mlp"))
+      return nn.tanh(nn.Dense(8, kernel_init=init)(x)), None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      return nn.Dense(2)(stack(name="stack")(x, None)[0])
+
+  return Model().init(jax.random.key(0), jnp.ones((2, 8)))["params"]
+
+
+def test_layer_axes_read_linen_scan_metadata_and_prune_each_layer():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  boxed = _linen_scanned()
+  rules = optax_prune.layer_axes(boxed, "layers")
+  assert rules.rules == ((r"^\['stack'\]\['Dense_0'\]\['kernel'\]$", 0),)
+  params = nn.unbox(boxed)
+  tx = optax_prune.magnitude_pruning(0.5, distribution="uniform", layer_axis=rules)
+  _, state = tx.update(params, tx.init(params), params)
+  per_layer = (~np.asarray(state.masks["stack"]["Dense_0"]["kernel"])).sum(axis=(1, 2))
+  np.testing.assert_array_equal(per_layer, [32, 32, 32])
+  with pytest.raises(ValueError, match=r"no leaf .* named 'blocks' \(names seen: \['layers', 'mlp'\]"):
+    optax_prune.layer_axes(boxed, "blocks")
+
+
+def test_layer_axes_read_nnx_transform_metadata():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(4, 4, rngs=rngs, kernel_metadata={"out_sharding": (None, "m")})
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return Block(rngs)
+
+  with jax.set_mesh(jax.make_mesh((1, 1), ("layers", "m"))):  # For `out_sharding`.
+    model = make(nnx.Rngs(0))
+    # Place the arrays as their names say (nnx.vmap adds the name only).
+    placed = nnx.state(model)
+    nnx.update(model, jax.tree.map(jax.sharding.reshard, placed,
+                                   nnx.get_partition_spec(placed)))
+    state = nnx.state(model, nnx.Param)
+    rules = optax_prune.layer_axes(state, "layers")
+    assert rules.rules == ((r"^\['linear'\]\['kernel'\]$", 0),)
+    pure = nnx.to_pure_dict(state)
+    tx = optax_prune.magnitude_pruning(0.75, distribution="uniform", layer_axis=rules)
+    _, pstate = tx.update(pure, tx.init(pure), pure)
+    # Inside `nnx.Optimizer`: `init` sees Variables, `update` pure arrays.
+    optimizer = nnx.Optimizer(model, optax.chain(optax.sgd(0.1), tx), wrt=nnx.Param)
+    optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+  np.testing.assert_array_equal(pstate.pruned_units, [12, 12, 12])
+  kernel = np.asarray(model.linear.kernel[...])
+  np.testing.assert_array_equal((kernel == 0).sum(axis=(1, 2)), [12, 12, 12])
