@@ -16,7 +16,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	# Two workers: the suite is mostly compilation, one core each.
-	$(PY) -m pytest -q -n 2 --dist loadgroup optax_prune tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 optax_prune tests
 
 schedules-plot: $(STAMP)
 	$(PY) scripts/plot_schedules.py

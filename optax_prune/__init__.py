@@ -54,6 +54,7 @@ from optax_prune._summary import SparsitySummary
 from optax_prune._thresholds import keep_masks
 from optax_prune._transform import find_pruning_state
 from optax_prune._transform import magnitude_pruning
+from optax_prune._transform import mask_weight_copies
 from optax_prune._transform import MagnitudePruningState
 from optax_prune._transform import unpack_masks
 
@@ -97,6 +98,7 @@ __all__ = (
     "load_compact",
     "log_schedule",
     "magnitude_pruning",
+    "mask_weight_copies",
     "mask_update_steps",
     "n_of_m",
     "nm_matmul",

@@ -78,9 +78,10 @@ def prune(
       or ``"output"`` (within each output feature, the same fraction of each;
       unstructured, layer scope, no ERK). Output axes come from ``input_norms``, else the
       leaf's last axis (flax kernels).
-    where, scope, threshold, granularity, distribution, score, seed,
-      layer_axis: as for :func:`magnitude_pruning` (with ``layer_axis``, each
-      layer of a stack is pruned as its own leaf).
+    where, scope, threshold, granularity, distribution, score, seed: as for
+      :func:`magnitude_pruning`.
+    layer_axis: as for :func:`magnitude_pruning`: each layer of a stack is
+      pruned as its own leaf.
 
   Returns:
     ``(pruned_params, masks)``: the params with pruned entries set to 0, and

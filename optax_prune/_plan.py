@@ -163,7 +163,8 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
     leaf = _leaf_plan(config, i, paths[i], leaves[i], granularities[i], layer_axes[i])
     parts[i] = leaf.layers
     # Global scope ranks a stack's layers with the leaves of its granularity.
-    group = ((getattr(leaf.granularity, "inner", leaf.granularity),)
+    g = leaf.granularity
+    group = ((g.inner if isinstance(g, _granularity.PerLayer) else g,)
              if config.scope == "global" else (i,))
     groups = by_schedule.setdefault(_key(schedules[i]), (schedules[i], {}))[1]
     groups.setdefault(group, []).append(leaf)

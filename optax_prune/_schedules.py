@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -298,6 +298,15 @@ class OptaxSchedule:
     value = jnp.asarray(self.sparsity(step), jnp.float32)
     update = (step >= self.begin_step) & ((step - self.begin_step) % self.every == 0)
     return PruningTarget(jnp.clip(value, 0.0, 1.0), update)
+
+
+def final_sparsity(schedule: Any) -> Optional[float]:
+  """The sparsity a built-in schedule ends at (None for a callable of your own)."""
+  for field in ("final_sparsity", "sparsity_upper_bound", "sparsity"):
+    value = getattr(schedule, field, None)
+    if _checks.is_number(value):
+      return float(value)
+  return None
 
 
 def check_schedule(name: str, schedule: Any) -> Callable[[Any], PruningTarget]:

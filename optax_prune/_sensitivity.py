@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -75,6 +76,7 @@ def sensitivity(
     score: Any = "magnitude",
     threshold: str = "auto",
     layer_axis: Any = None,
+    higher_is_better: Optional[bool] = None,
     progress: bool = False,
 ) -> SensitivityReport:
   r"""Prunes one leaf at a time at each sparsity and measures ``evaluate``.
@@ -84,17 +86,23 @@ def sensitivity(
   (exactly :math:`\mathrm{round}(s \cdot n)` of its units, as the
   transformation does; the other leaves dense) and
   :math:`\mathrm{evaluate}(\text{params}) - \mathrm{evaluate}(\text{dense})`
-  is recorded. One compile per leaf shape: the sparsity is an argument.
+  is recorded (its negation for a metric where higher is better), so larger
+  is always worse. One compile per leaf shape: the sparsity is an argument.
 
   Args:
     params: trained params.
-    evaluate: ``params -> float``, a loss (lower is better) on held-out data;
-      return ``-accuracy`` for a metric where higher is better.
+    evaluate: ``params -> float`` on held-out data: a loss (lower is
+      better), or a metric such as accuracy with ``higher_is_better=True``.
     sparsities: increasing sparsities in [0, 1].
     where, granularity, score, threshold: as for :func:`magnitude_pruning`.
     layer_axis: as for :func:`magnitude_pruning`: a stack of layers gets one
       curve, all its layers pruned together, each to ``round(s * n)`` of its
       own units (the allocation then gives the stack one sparsity).
+    higher_is_better: whether larger values of ``evaluate`` are better (an
+      accuracy: PaddleSlim's convention). ``None`` (default) reads it as a
+      loss and warns when most curves fall as sparsity rises (the sign of an
+      accuracy, which would send the budget to the most sensitive leaves);
+      ``False`` reads a loss without the check.
     progress: show a progress bar (needs ``tqdm``).
 
   Returns:
@@ -104,11 +112,15 @@ def sensitivity(
   Examples:
     >>> import jax.numpy as jnp, optax_prune
     >>> params = {"a": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.ones((2, 4))}
-    >>> loss = lambda p: float(jnp.sum(p["a"]) + 10 * jnp.sum(p["b"]))
-    >>> report = optax_prune.sensitivity(params, lambda p: -loss(p), [0.25, 0.5])
+    >>> total = lambda p: float(jnp.sum(p["a"]) + 10 * jnp.sum(p["b"]))
+    >>> report = optax_prune.sensitivity(params, total, [0.25, 0.5], higher_is_better=True)
     >>> report.losses
     {"['a']": (3.0, 10.0), "['b']": (20.0, 40.0)}
   """
+  if higher_is_better not in (None, True, False):
+    raise ValueError(
+        f"`higher_is_better` must be None, True or False; got {higher_is_better!r}.")
+  sign = -1.0 if higher_is_better else 1.0
   sparsities = tuple(_checks.fraction("sparsities", s) for s in sparsities)
   if not sparsities or list(sparsities) != sorted(sparsities):
     raise ValueError(f"`sparsities` must be a non-empty increasing sequence; got {sparsities}.")
@@ -127,12 +139,20 @@ def sensitivity(
       pruned = _pruned_leaf(leaves[leaf.index], jnp.float32(s), jnp.int32(leaf.index),
                             jnp.int32(k), granularity=leaf.granularity,
                             score=config.score, method=group.method, seed=config.seed)
-      row.append(float(evaluate(treedef.unflatten(
-          [pruned if j == leaf.index else x for j, x in enumerate(leaves)]))) - baseline)
+      row.append(sign * (float(evaluate(treedef.unflatten(
+          [pruned if j == leaf.index else x for j, x in enumerate(leaves)]))) - baseline))
       bar.update(1)
     losses[leaf.path] = tuple(row)
     sizes[leaf.path] = math.prod(leaf.shape)
   bar.close()
+  falling = sum(row[-1] < row[0] for row in losses.values())
+  if higher_is_better is None and losses and falling > len(losses) / 2:
+    warnings.warn(
+        f"`sensitivity`: in {falling} of {len(losses)} leaves `evaluate` falls as"
+        " sparsity rises, as an accuracy does. It is read as a loss (lower is"
+        " better), so `sparsities_for_budget` would prune the most sensitive"
+        " leaves most. Pass `higher_is_better=True` for a metric where higher is"
+        " better, or `higher_is_better=False` if it is a loss.", stacklevel=2)
   return SensitivityReport(baseline, sparsities, losses, sizes)
 
 

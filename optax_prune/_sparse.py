@@ -17,6 +17,7 @@ gather-free kernels.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -120,10 +121,22 @@ def _drop_and_grow(
     regrow_dropped: bool, where: Any, distribution: str, granularity: Any,
     threshold: str, seed: int, packed_masks: bool, layer_axis: Any,
 ) -> optax.GradientTransformationExtraArgs:
+  if isinstance(inner, optax.MultiSteps):
+    raise ValueError(
+        f"`{name}` cannot wrap `optax.MultiSteps`: wrap it the other way round,"
+        f" `optax.MultiSteps({name}(optax.adam(...), ...), every_k_schedule)`, so"
+        " that micro-batches are not counted as steps.")
   if not isinstance(inner, optax.GradientTransformation):
     raise ValueError(
         f"`inner` must be an optax GradientTransformation (the optimizer that"
         f" `{name}` wraps, such as `optax.adam(1e-3)`); got {inner!r}.")
+  if getattr(inner.update, "__qualname__", "").startswith("identity."):
+    warnings.warn(
+        f"`{name}`'s `inner` is `optax.identity()`, the sign of chaining it after"
+        f" another optimizer (`optax.chain(optax.adam(...), {name}(optax.identity(),"
+        f" ...))`): it would then grow by that optimizer's step instead of the"
+        " gradient and never reset its moments. It must own the optimizer:"
+        f" `{name}(optax.adam(...), ...)`.", stacklevel=3)
   sparsity = _checks.fraction("sparsity", sparsity)
   end_step = _checks.integer("end_step", end_step, 0, _checks.INT32_MAX)
   frequency = _checks.integer("frequency", frequency, 1, _checks.INT32_MAX)

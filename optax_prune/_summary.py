@@ -72,9 +72,11 @@ class SparsitySummary(NamedTuple):
 
 
 _PRUNED_NONZERO_WARNING = (
-    "WARNING: {n} pruned entries are not zero. Is `magnitude_pruning` the last"
-    " link of the chain? `optax.chain(optax.adamw(...), magnitude_pruning(...))`"
-    " keeps them at exactly 0; a link after it moves them again."
+    "WARNING: {n} pruned entries are not zero. Is the pruning link"
+    " (`magnitude_pruning`, `static_sparse` or `straight_through`) the last link"
+    " of the chain, and `rigl` / `set_training` the outermost optimizer?"
+    " `optax.chain(optax.adamw(...), magnitude_pruning(...))` keeps them at"
+    " exactly 0; a link after it moves them again."
 )
 
 

@@ -10,6 +10,7 @@ step :func:`apply_masks` shapes the updates. This module only wires them.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -20,11 +21,13 @@ from jax import lax
 
 from optax_prune import _bits
 from optax_prune import _config
+from optax_prune import _distributions
 from optax_prune import _granularity
 from optax_prune import _paths
 from optax_prune import _placement
 from optax_prune import _plan
 from optax_prune import _rules
+from optax_prune import _schedules
 from optax_prune import _scores
 
 _UPDATE_MASKS_MSG = (
@@ -236,7 +239,7 @@ def magnitude_pruning(
         " groups of a scanned layer stack are not traced per layer. Prune the"
         " stack with a per-leaf granularity (`channels(axis=...)`, which"
         " `layer_axis` applies to each layer), or unscan the model.")
-  tx = masking(config, rule)
+  tx = masking(config, rule, warn_whole=coupled is None)
   if coupled is None:
     return tx
 
@@ -250,6 +253,7 @@ def magnitude_pruning(
 def masking(
     config: _config.PruningConfig, rule: _rules.MaskRule, *,
     initial_score: Optional[_scores.Score] = None, regrows: bool = False,
+    warn_whole: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """The chained transformation for ``config``, its masks recomputed by ``rule``.
 
@@ -265,9 +269,14 @@ def masking(
     regrows: whether ``rule`` may keep an entry that was pruned (drop and
       grow). A regrown entry then starts at exactly 0: the update is applied
       only where an entry is kept both before and after the step.
+    warn_whole: warn at ``init`` about leaves pruned whole below sparsity 1
+      (:func:`warn_whole_leaves`; its counts are those of ``prune_smallest``
+      and ``drop_and_grow``, not of coupled channels).
   """
 
   def init_fn(params):
+    if warn_whole:
+      warn_whole_leaves(_plan.make_plan(config, params))
     return init_state(config, params, initial_score)
 
   def update_fn(updates, state, params=None, *, update_masks=None, grads=None,
@@ -320,6 +329,35 @@ def init_state(config: _config.PruningConfig, params: Any,
       zero_update_steps=jnp.zeros((), jnp.int32),
       skipped_mask_updates=jnp.zeros((), jnp.int32),
   )
+
+
+def warn_whole_leaves(plan: _plan.Plan) -> None:
+  """Warns when a leaf (a layer of a stack, a global group) keeps no unit at
+  its schedule's final sparsity ``s < 1``, as the schedule's distribution
+  counts it: ``round(s * n) = n`` for a small leaf (``round(0.9 * 4) = 4``),
+  or ERK over a single leaf. Built-in schedules and numbers only (their
+  final sparsity is known)."""
+  whole = []
+  for schedule in plan.schedules:
+    final = _schedules.final_sparsity(schedule.schedule)
+    if final is None or not 0 < final < 1:
+      continue
+    sizes = [n for g in schedule.groups for n in g.row_units]
+    with jax.ensure_compile_time_eval():  # Constants, also when `init` is traced.
+      counts, _ = schedule.distribution.counts(
+          sizes, [shape for g in schedule.groups for shape in g.row_shapes],
+          jnp.float32(final))
+    names = [g.leaves[0].path + (f" layer {r}" if g.by_layer else "")
+             + (f" and {len(g.leaves) - 1} more ranked with it" if len(g.leaves) > 1 else "")
+             for g in schedule.groups for r in range(g.rows)]
+    whole += [f"{name} ({n} units at {final:g})"
+              for name, n, k in zip(names, sizes, np.asarray(counts)) if n and k == n]
+  if whole:
+    warnings.warn(
+        f"{len(whole)} pruned leaves (or layers) keep no unit at their final"
+        f" sparsity, pruned whole: {', '.join(whole[:5])}. Give them a schedule of"
+        " their own (None keeps a leaf dense) or a lower target; with several"
+        " leaves, `distribution='erk'` keeps part of every one.", stacklevel=3)
 
 
 class MaskStep(NamedTuple):
@@ -594,6 +632,56 @@ def unpack_masks(masks: Any, params: Any) -> Any:
       else _bits.unpack(m, jnp.shape(x)) for m, x in zip(leaves, param_leaves)])
 
 
+def mask_weight_copies(tree: Any, opt_state: Any) -> Any:
+  """``tree`` with the pruned entries of every params-shaped subtree set to 0.
+
+  Some optimizers keep a copy of the weights that the pruning link never
+  sees: ``optax.contrib.schedule_free_adamw``'s ``z`` (its
+  ``schedule_free_eval_params`` mix the params with it), ``optax.lookahead``'s
+  slow weights (in ``LookaheadParams``; the fast ones are reset to them at
+  every sync). Those copies stay dense; call this on the optimizer state and
+  on the params after every step (inside the jitted step) to keep them
+  sparse. Jittable; the masks are those of ``find_pruning_state(opt_state)``.
+  Every params-shaped subtree is masked, the optimizer's moments included
+  (their pruned entries are never read); not for ``straight_through``, whose
+  state holds dense weights on purpose.
+
+  Args:
+    tree: any pytree (an optimizer state, ``LookaheadParams``, the params);
+      each subtree with the params' structure is masked, the rest is kept.
+    opt_state: the optimizer state that holds the pruning state.
+
+  Returns:
+    ``tree`` with pruned entries at 0 in its params-shaped subtrees.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_prune
+    >>> params = {"w": jnp.array([[0.1, -2.0], [0.3, 4.0]])}
+    >>> tx = optax.lookahead(optax.chain(optax.sgd(0.1), optax_prune.magnitude_pruning(0.5)),
+    ...                      sync_period=2, slow_step_size=0.5)
+    >>> params = optax.LookaheadParams.init_synced(params)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params.fast)  # Of the fast weights.
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax_prune.mask_weight_copies(optax.apply_updates(params, updates), state)
+    >>> params.slow["w"]  # Not synced yet: the initial weights, masked.
+    Array([[ 0., -2.],
+           [ 0.,  4.]], dtype=float32)
+  """
+  masks = find_pruning_state(opt_state).masks
+  structure = jax.tree.structure(masks, is_leaf=_paths.is_masked)
+  is_params = lambda x: jax.tree.structure(x) == structure
+
+  def masked(subtree):
+    read = unpack_masks(masks, subtree)
+    return structure.unflatten([
+        x if _paths.is_masked(m) else jnp.where(m, x, jnp.zeros((), x.dtype))
+        for x, m in zip(structure.flatten_up_to(subtree),
+                        structure.flatten_up_to(read))])
+
+  return jax.tree.map(lambda x: masked(x) if is_params(x) else x, tree, is_leaf=is_params)
+
+
 def pruning_states(tree: Any) -> list[MagnitudePruningState]:
   """Every :class:`MagnitudePruningState` inside ``tree``, in leaf order."""
   is_state = lambda x: isinstance(x, MagnitudePruningState)
@@ -624,7 +712,10 @@ def find_pruning_state(opt_state) -> MagnitudePruningState:
   """
   found = pruning_states(opt_state)
   if len(found) != 1:
-    hint = "" if found else (
+    hint = (" Two pruning links (one per `optax.multi_transform` branch, say) are"
+            " one link with a pytree of schedules: `magnitude_pruning({'a': s1,"
+            " 'b': s2})`, None for a subtree left dense; or pass the state of one"
+            " branch.") if found else (
         " Pass the optimizer state itself: `train_state.opt_state` for a flax"
         " `TrainState`, `optimizer.opt_state` for an `nnx.Optimizer` (not"
         " `nnx.state(optimizer)`), the state `tx.init` returned for a plain"

@@ -1,5 +1,7 @@
 """The catalogue of unusual inputs (docs/bad_inputs.md), one test each."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +21,29 @@ def _update(tx, params):
 def test_zero_size_and_one_element_leaves():
   params = {"empty": jnp.zeros((0, 5)), "one": jnp.full((1, 1), 3.0)}
   for s, pruned_one in [(0.4, 0), (0.6, 1), (1.0, 1)]:
-    new, state = _update(optax_prune.magnitude_pruning(s), params)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # "pruned whole" at 0.6 (its own test below).
+      new, state = _update(optax_prune.magnitude_pruning(s), params)
     assert state.masks["empty"].shape == (0, 5)
     assert int((~state.masks["one"]).sum()) == pruned_one
     assert float(new["one"][0, 0]) == (0.0 if pruned_one else 3.0)
+
+
+def test_a_leaf_pruned_whole_below_sparsity_one_is_warned_about_at_init():
+  params = {"small": jnp.ones((4, 1)), "large": jnp.ones((16, 16))}
+  with pytest.warns(UserWarning, match=r"pruned whole: \['small'\] \(4 units at 0.9\)"):
+    optax_prune.magnitude_pruning(0.9, distribution="uniform").init(params)
+  with pytest.warns(UserWarning, match=r"\['small'\] \(4 units at 0.9\)"):  # ERK, one leaf.
+    optax_prune.magnitude_pruning(optax_prune.polynomial_schedule(
+        0.9, begin_step=0, end_step=10, frequency=1)).init({"small": params["small"]})
+  stack = {"stack": jnp.ones((2, 4, 1))}
+  with pytest.warns(UserWarning, match=r"\['stack'\] layer 0 \(4 units at 0.9\), \['stack'\] layer 1"):
+    optax_prune.magnitude_pruning(0.9, distribution="uniform", layer_axis=0).init(stack)
+  with warnings.catch_warnings():  # ERK keeps part of every leaf; 0.8 keeps 1 of 4.
+    warnings.simplefilter("error")
+    optax_prune.magnitude_pruning(0.9).init(params)
+    optax_prune.magnitude_pruning(0.8, distribution="uniform").init(params)
+    optax_prune.magnitude_pruning(1.0, distribution="uniform").init(params)
 
 
 def test_integer_bool_and_complex_leaves_are_skipped_by_default_and_rejected_if_chosen():
@@ -147,6 +168,8 @@ def test_random_invalid_configurations_name_the_argument(config):
     _call(fn, kwargs)
 
 
+# Small leaves at high sparsity are pruned whole: warned about, and tested, elsewhere.
+@pytest.mark.filterwarnings("ignore:.*pruned whole:UserWarning")
 @settings(max_examples=30)
 @given(config=_configurations(valid=True))
 def test_random_valid_configurations_build_and_prune(config):
@@ -188,7 +211,8 @@ def test_pruning_before_the_optimizer_is_counted_and_shown():
                       summary.pruned_nonzero, str(summary))
   assert results["last"][:2] == (0, 0) and "WARNING" not in results["last"][2]
   assert results["first"][0] > 0 and results["first"][1] > 0
-  assert "not zero. Is `magnitude_pruning` the last link" in results["first"][2]
+  assert "not zero. Is the pruning link (`magnitude_pruning`, `static_sparse` or" \
+      " `straight_through`) the last link" in results["first"][2]
 
 
 

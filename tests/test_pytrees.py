@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -40,6 +41,8 @@ _trees = st.recursive(
     max_leaves=6)
 
 
+# Small leaves at high sparsity are pruned whole: warned about, tested in test_bad_inputs.
+@pytest.mark.filterwarnings("ignore:.*pruned whole:UserWarning")
 @settings(max_examples=40)
 @given(tree=_trees, sparsity=st.floats(0, 1, width=32),
        scope=st.sampled_from(["layer", "global"]),

@@ -1,5 +1,7 @@
 """Sensitivity analysis against a NumPy reference, and budget allocation properties."""
 
+import warnings
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -128,8 +130,25 @@ def test_leaves_of_one_shape_share_one_compile():
   params = {f"l{i}": jnp.asarray(rng.standard_normal((7, 9)), jnp.float32) for i in range(4)}
   before = _sensitivity._pruned_leaf._cache_size()
   report = optax_prune.sensitivity(params, lambda p: float(sum(jnp.sum(x**2) for x in p.values())),
-                                   [0.5], where=lambda path, x: True)
+                                   [0.5], where=lambda path, x: True, higher_is_better=False)
   assert _sensitivity._pruned_leaf._cache_size() == before + 1
   for path, (loss,) in report.losses.items():  # The 32 smallest squares of each leaf are gone.
     x = np.asarray(params[path[2:-2]], np.float64).reshape(-1)
     assert np.isclose(loss, -np.sort(x**2)[:reference.prune_count(0.5, 63)].sum(), rtol=1e-5)
+
+
+def test_an_accuracy_is_read_with_higher_is_better_and_warned_about_without_it():
+  params = helpers.params()
+  # Higher is better: the energy kept, which pruning lowers.
+  kept = lambda p: float(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(p)))
+  with pytest.warns(UserWarning, match="higher_is_better=True"):
+    as_loss = optax_prune.sensitivity(params, kept, [0.25, 0.5])
+  report = optax_prune.sensitivity(params, kept, [0.25, 0.5], higher_is_better=True)
+  for path, curve in report.losses.items():
+    np.testing.assert_allclose(curve, [-x for x in as_loss.losses[path]])
+    assert curve[1] > curve[0] > 0  # Larger is worse, as for a loss.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    optax_prune.sensitivity(params, kept, [0.25, 0.5], higher_is_better=False)
+  with pytest.raises(ValueError, match="`higher_is_better` must be None, True or False"):
+    optax_prune.sensitivity(params, kept, [0.5], higher_is_better="yes")

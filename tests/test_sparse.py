@@ -2,6 +2,8 @@
 reference: drop and grow counts, ties by position, no same-step regrowth when
 asked, grown weights at 0 with fresh moments, exact zeros, one compile."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -269,3 +271,16 @@ def test_updates_without_params_are_a_clear_error():
              optax_prune.straight_through(0.5)):
     with pytest.raises(ValueError, match="needs them"):
       tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize("make", [optax_prune.rigl, optax_prune.set_training])
+def test_wrapper_misuses_name_the_fix(make):
+  # Chained after another optimizer (`inner` is the identity): a warning.
+  with pytest.warns(UserWarning, match=r"`inner` is `optax.identity\(\)`.*must own the optimizer"):
+    make(optax.identity(), 0.5, end_step=10)
+  # Wrapping MultiSteps: the other way round.
+  with pytest.raises(ValueError, match=r"wrap it the other way round, `optax.MultiSteps\("):
+    make(optax.MultiSteps(optax.adam(1e-3), 2), 0.5, end_step=10)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    make(optax.adam(1e-3), 0.5, end_step=10)

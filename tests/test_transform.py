@@ -108,7 +108,8 @@ def test_find_pruning_state_finds_one_and_refuses_none_or_two():
   one = optax.chain(optax.adam(1e-3), optax_prune.magnitude_pruning(0.5, seed=1))
   assert optax_prune.find_pruning_state(one.init(params)).masks["w"].shape == (2, 2)
   two = optax.chain(optax_prune.magnitude_pruning(0.5), optax_prune.magnitude_pruning(0.25))
-  with pytest.raises(ValueError, match="exactly one.*found 2"):
+  with pytest.raises(ValueError, match=r"exactly one.*found 2\. Two pruning links .* one"
+                     r" link with a pytree of schedules"):
     optax_prune.find_pruning_state(two.init(params))
 
 
@@ -376,6 +377,15 @@ def test_a_state_of_another_layer_axis_and_a_bad_axis_are_clear_errors():
         {"b": jnp.ones(4)})
   with pytest.raises(ValueError, match="`layer_axis` must be None, an int"):
     optax_prune.magnitude_pruning(0.5, layer_axis=0.5)
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+  x = jnp.ones((3, 5))
+  groups = optax_prune.channel_groups(
+      lambda p, x: model.apply({"params": p}, x),
+      model.init(jax.random.key(0), x)["params"], x)
+  with pytest.raises(ValueError, match="`layer_axis` cannot be combined with `coupled_channels`"):
+    optax_prune.magnitude_pruning(
+        0.5, granularity=optax_prune.coupled_channels(groups), layer_axis=0)
   with pytest.raises(ValueError, match=r"n_of_m.*\['stack'\]\['kernel'\] \(a layer of it\)"):
     optax_prune.magnitude_pruning(0.5, granularity=optax_prune.n_of_m(2, 8, axis=1),
                                   layer_axis=by_stack(0)).init(scanned)
@@ -395,3 +405,51 @@ def test_one_shot_prune_and_sensitivity_take_a_stack_per_layer():
   assert list(report.losses) == ["['a']['kernel']", "['stack']['kernel']"]
   stack = np.asarray(seen[-1]["stack"]["kernel"])
   assert [int((layer == 0).sum()) for layer in stack[1:]] == [48, 48]
+
+
+def _pruned_nonzero(tree, masks):
+  read = optax_prune.unpack_masks(masks, tree)
+  return sum(int(jnp.sum((x != 0) & ~m)) for x, m in zip(
+      jax.tree.leaves(tree), jax.tree.leaves(read, is_leaf=lambda m: isinstance(
+          m, optax.MaskedNode))) if not isinstance(m, optax.MaskedNode))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_weight_copies_of_schedule_free_and_lookahead_are_masked(masked):
+  # Schedule-free: the weights to evaluate mix the params with its `z`.
+  params = helpers.params()
+  tx = optax.chain(optax.contrib.schedule_free_adamw(1e-2, warmup_steps=0),
+                   optax_prune.magnitude_pruning(0.75))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    updates, s = tx.update(jax.grad(helpers.loss)(p), s, p)
+    p = optax.apply_updates(p, updates)
+    return (p, optax_prune.mask_weight_copies(s, s)) if masked else (p, s)
+
+  for _ in range(5):
+    params, state = step(params, state)
+  masks = optax_prune.find_pruning_state(state).masks
+  evaluated = optax.contrib.schedule_free_eval_params(state[0], params)
+  assert _pruned_nonzero(params, masks) == 0
+  assert (_pruned_nonzero(evaluated, masks) == 0) == masked
+  assert optax_prune.sparsity_summary(evaluated, masks).pruned_nonzero == (
+      0 if masked else _pruned_nonzero(evaluated, masks))
+  # Lookahead: slow weights, and the fast ones right after a sync.
+  tx = optax.lookahead(optax.chain(optax.adam(1e-2), optax_prune.magnitude_pruning(0.75)),
+                       sync_period=3, slow_step_size=0.5)
+  params = optax.LookaheadParams.init_synced(helpers.params())
+  state = tx.init(params)
+
+  @jax.jit
+  def lookahead_step(p, s):
+    updates, s = tx.update(jax.grad(helpers.loss)(p.fast), s, p)
+    p = optax.apply_updates(p, updates)
+    return (optax_prune.mask_weight_copies(p, s), s) if masked else (p, s)
+
+  for _ in range(6):  # Ends on a sync.
+    params, state = lookahead_step(params, state)
+  masks = optax_prune.find_pruning_state(state).masks
+  for copy in (params.slow, params.fast):
+    assert (_pruned_nonzero(copy, masks) == 0) == masked
