@@ -195,6 +195,12 @@ def erk_prune_counts(
   return counts.astype(jnp.uint32)
 
 
+# Jitted by its static sizes and ratios: called eagerly (at `init`, in
+# `prune`), its many small ops compile once instead of one by one; inside a
+# jitted step it is inlined as before.
+_erk_prune_counts_jitted = jax.jit(erk_prune_counts, static_argnums=(0, 1))
+
+
 def nested_counts(counts, pruned) -> jax.Array:
   """``counts`` moved so that no group loses fewer units than ``pruned`` (what
   it has lost already), with the same sum; a uint32 vector.
@@ -285,7 +291,8 @@ class ERK:
     return Uniform() if self.by_default and total > MAX_GROUP_SIZE else self
 
   def counts(self, sizes, shapes, sparsity, pruned=None):
-    counts = erk_prune_counts(sizes, [erk_ratio(s) for s in shapes], sparsity)
+    counts = _erk_prune_counts_jitted(tuple(int(n) for n in sizes),
+                                      tuple(erk_ratio(s) for s in shapes), sparsity)
     if pruned is not None:
       counts = nested_counts(counts, pruned)
     return counts, counts.astype(jnp.float32) / np.maximum(np.asarray(sizes, np.float32), 1)

@@ -290,8 +290,9 @@ rigl.__doc__ += _DST_ARGS + r"""
     >>> tx = optax_prune.rigl(optax.adam(1e-2), 0.75, end_step=100, frequency=10)
     >>> state = tx.init(params)
     >>> loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
+    >>> update = jax.jit(tx.update)  # One compile: a mask update is a `lax.cond`.
     >>> for _ in range(20):
-    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   updates, state = update(jax.grad(loss)(params), state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> int(jnp.sum(params["w"] == 0))  # Exactly round(0.75 * 64) pruned.
     48
