@@ -27,7 +27,7 @@ def _leaves_with_masks(params: Any, masks: Any):
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   if masks is None:
     mask_leaves = []
-    pruned = _paths.default_where(path_leaves)
+    pruned = _paths.default_where(path_leaves, params)
     for (path, leaf), default in zip(path_leaves, pruned):
       if hasattr(leaf, "dtype") and default:
         _check_not_traced(leaf, "params")

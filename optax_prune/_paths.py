@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -215,19 +216,43 @@ def leaf_name(path: tuple) -> Optional[str]:
   return None
 
 
-def default_where(path_leaves: list) -> list[bool]:
+def default_where(path_leaves: list, tree: Any = None) -> list[bool]:
   """Per leaf, whether it is pruned by default.
 
   Floating leaves with ``ndim >= 2`` named ``kernel``: the weights of flax
   linen and nnx ``Dense``, ``Conv``, ``Einsum`` and attention projections, not
-  their biases (2-D in attention), norm scales or embeddings. Params without
-  any such ``kernel`` (plain dicts, equinox, haiku) fall back to every
-  floating leaf with ``ndim >= 2``; the README shows the ``where`` to use there.
+  their biases (2-D in attention), norm scales or embeddings. In equinox
+  modules (``tree``), the ``weight`` of every ``eqx.nn.Linear``, ``Conv`` and
+  ``ConvTranspose`` (those inside ``MLP`` and ``MultiheadAttention``
+  included), not ``Embedding`` or norms. Params with neither (plain dicts,
+  haiku) fall back to every floating leaf with ``ndim >= 2``; the README
+  shows the ``where`` to use there.
   """
   is_float = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
   matrix = [len(getattr(leaf, "shape", ())) >= 2 and is_float(leaf) for _, leaf in path_leaves]
+  weights = _equinox_weights(tree)
+  if weights is not None:
+    return [m and jax.tree_util.keystr(path) in weights
+            for m, (path, _) in zip(matrix, path_leaves)]
   kernel = [m and leaf_name(path) == "kernel" for m, (path, _) in zip(matrix, path_leaves)]
   return kernel if any(kernel) else matrix
+
+
+def _equinox_weights(tree: Any) -> Optional[set[str]]:
+  """Paths of the ``weight`` of equinox's linear and convolution layers in
+  ``tree``; None if it holds no equinox module. Equinox is not imported here:
+  a tree cannot hold its modules unless the user imported it."""
+  eqx = sys.modules.get("equinox")
+  if eqx is None or tree is None:
+    return None
+  layers = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
+  is_module = lambda x: isinstance(x, eqx.Module)
+  found = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, layers))[0]
+  if not is_module(tree) and not any(isinstance(x, layers) for _, x in found):
+    return None
+  return {jax.tree_util.keystr(path + (jax.tree_util.GetAttrKey("weight"),))
+          for path, x in found if isinstance(x, layers)}
 
 
 def is_masked(x: Any) -> bool:

@@ -193,7 +193,7 @@ def make_plan(config: _config.PruningConfig, params: Any) -> Plan:
 def _chosen(where: Any, params: Any, path_leaves: list) -> list[bool]:
   """Per leaf, whether ``where`` selects it."""
   if where is None:
-    return _paths.default_where(path_leaves)
+    return _paths.default_where(path_leaves, params)
   if not callable(where):
     return [bool(w) for w in _paths.per_leaf(where, params, None, "where")]
   try:

@@ -365,3 +365,27 @@ def test_n_of_m_axis_is_required_and_packing_along_another_axis_is_refused():
   np.testing.assert_array_equal(packed.todense(), jnp.where(mask, kernel, 0))
   with pytest.raises(ValueError, match="keeps more than n=2 of every m=4 entries along axis 1"):
     optax_prune.to_nm(kernel, mask, optax_prune.n_of_m(2, 4, axis=1))
+
+
+def test_default_where_prunes_equinox_linear_and_conv_weights_not_embeddings():
+  import equinox as eqx  # pylint: disable=import-outside-toplevel
+
+  class Model(eqx.Module):
+    embed: eqx.nn.Embedding
+    mlp: eqx.nn.MLP
+    conv: eqx.nn.Conv2d
+    attention: eqx.nn.MultiheadAttention
+    norm: eqx.nn.LayerNorm
+
+  keys = jax.random.split(jax.random.key(0), 4)
+  model = Model(eqx.nn.Embedding(10, 4, key=keys[0]), eqx.nn.MLP(4, 2, 8, 1, key=keys[1]),
+                eqx.nn.Conv2d(1, 4, 3, key=keys[2]),
+                eqx.nn.MultiheadAttention(2, 4, key=keys[3]), eqx.nn.LayerNorm(4))
+  params = eqx.filter(model, eqx.is_array)
+  _, state = _update(optax_prune.magnitude_pruning(0.5), params)
+  pruned = {jax.tree_util.keystr(path) for path, m in jax.tree_util.tree_flatten_with_path(
+      state.masks, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+            if not isinstance(m, optax.MaskedNode)}
+  assert pruned == {".mlp.layers[0].weight", ".mlp.layers[1].weight", ".conv.weight",
+                    ".attention.query_proj.weight", ".attention.key_proj.weight",
+                    ".attention.value_proj.weight", ".attention.output_proj.weight"}
