@@ -19,6 +19,7 @@ import functools
 from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -258,12 +259,12 @@ def drop_and_grow(
     after_drop = {i: keep for i, (keep, _) in after_drop.items()}
     # Grow: the `drop` candidates of largest |grow score| win.
     candidates = {i: ~(after_drop[i] if regrow_dropped else old[i]) for i in old}
+    scores = per_alike_leaf(grow_score, [
+        (inputs.params[leaf.index], None if inputs.grads is None else inputs.grads[leaf.index])
+        for leaf in leaves], inputs.key, [leaf.index for leaf in leaves])
     grown = keep_units(plan, {
-        leaf.index: ranked_within(candidates[leaf.index], units(leaf, grow_score(
-            inputs.params[leaf.index],
-            None if inputs.grads is None else inputs.grads[leaf.index],
-            _scores.leaf_key(inputs.key, leaf.index)))) for leaf in leaves},
-        row_units - drop)
+        leaf.index: ranked_within(candidates[leaf.index], units(leaf, score))
+        for leaf, score in zip(leaves, scores)}, row_units - drop)
     masks = [leaf.granularity.expand(after_drop[leaf.index] | grown[leaf.index][0],
                                      inputs.params[leaf.index]) for leaf in leaves]
     pruned = pruned_per_row(plan, inputs.pruned_units)
@@ -271,6 +272,32 @@ def drop_and_grow(
         plan, pruned.astype(jnp.float32) / np.maximum(row_units, 1).astype(np.float32)))
 
   return rule
+
+
+def per_alike_leaf(fn: Callable, args: Sequence[tuple], key: jax.Array,
+                   indices: Sequence[int]) -> list:
+  """``[fn(*args[k], leaf_key(key, indices[k])) for k]``, leaves whose
+  arguments share shapes, dtypes and placement run as one instance of ``fn``
+  (a ``lax.map`` that picks each leaf's arguments by ``lax.switch``): a
+  random score compiles one PRNG stream per leaf shape, not one per leaf.
+  Same values as the calls one by one (the keys are the leaves' own)."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+  by_type: dict = {}
+  for k, a in enumerate(args):
+    by_type.setdefault(tuple(None if x is None else jax.typeof(x) for x in a), []).append(k)
+  out: list = [None] * len(args)
+  for members in by_type.values():
+    if len(members) == 1:
+      (k,) = members
+      out[k] = fn(*args[k], keys[k])
+      continue
+    branches = [lambda a=args[k]: a for k in members]
+    member_keys = keys[jnp.asarray(members, jnp.int32)]
+    found = lax.map(lambda j: fn(*lax.switch(j, branches), member_keys[j]),
+                    jnp.arange(len(members)))
+    for j, k in enumerate(members):
+      out[k] = found[j]
+  return out
 
 
 def prune_coupled(groups: Sequence[Any], channel_scores: Callable) -> MaskRule:
