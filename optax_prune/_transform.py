@@ -10,6 +10,7 @@ step :func:`apply_masks` shapes the updates. This module only wires them.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -333,28 +334,33 @@ def init_state(config: _config.PruningConfig, params: Any,
 
 def warn_whole_leaves(plan: _plan.Plan) -> None:
   """Warns when a leaf (a layer of a stack, a global group) keeps no unit at
-  its schedule's final sparsity ``s < 1``, as the schedule's distribution
-  counts it: ``round(s * n) = n`` for a small leaf (``round(0.9 * 4) = 4``),
-  or ERK over a single leaf. Built-in schedules and numbers only (their
-  final sparsity is known)."""
-  whole = []
+  its schedule's final sparsity ``s < 1``: ``round(s * n) = n`` for a small
+  leaf with its own count (``round(0.9 * 4) = 4``); under a shared budget
+  (ERK), when fewer units are kept than there are leaves (one leaf alone, or
+  tiny ones). Numbers and built-in schedules only (their final sparsity is
+  known). Exact rational arithmetic on the host: nothing is compiled."""
+  whole, count = [], 0
   for schedule in plan.schedules:
     final = _schedules.final_sparsity(schedule.schedule)
     if final is None or not 0 < final < 1:
       continue
-    sizes = [n for g in schedule.groups for n in g.row_units]
-    with jax.ensure_compile_time_eval():  # Constants, also when `init` is traced.
-      counts, _ = schedule.distribution.counts(
-          sizes, [shape for g in schedule.groups for shape in g.row_shapes],
-          jnp.float32(final))
-    names = [g.leaves[0].path + (f" layer {r}" if g.by_layer else "")
-             + (f" and {len(g.leaves) - 1} more ranked with it" if len(g.leaves) > 1 else "")
-             for g in schedule.groups for r in range(g.rows)]
-    whole += [f"{name} ({n} units at {final:g})"
-              for name, n, k in zip(names, sizes, np.asarray(counts)) if n and k == n]
+    s = fractions.Fraction(float(np.float32(final)))  # As `prune_count` reads it.
+    rows = [(g.leaves[0].path + (f" layer {r}" if g.by_layer else "")
+             + (f" and {len(g.leaves) - 1} more ranked with it" if len(g.leaves) > 1 else ""), n)
+            for g in schedule.groups for r, n in enumerate(g.row_units) if n]
+    if schedule.distribution.shares_budget and len(rows) > 1:
+      kept = sum(n for _, n in rows) - round(s * sum(n for _, n in rows))
+      if kept < len(rows):
+        count += len(rows) - kept
+        whole.append(f"{len(rows) - kept} of {', '.join(name for name, _ in rows[:3])}"
+                     f"{' ...' if len(rows) > 3 else ''} (at {final:g}, {kept} units kept"
+                     " over the leaves sharing it)")
+    else:
+      alone = [f"{name} ({n} units at {final:g})" for name, n in rows if round(s * n) == n]
+      count, whole = count + len(alone), whole + alone
   if whole:
     warnings.warn(
-        f"{len(whole)} pruned leaves (or layers) keep no unit at their final"
+        f"{count} pruned leaves (or layers) keep no unit at their final"
         f" sparsity, pruned whole: {', '.join(whole[:5])}. Give them a schedule of"
         " their own (None keeps a leaf dense) or a lower target; with several"
         " leaves, `distribution='erk'` keeps part of every one.", stacklevel=3)

@@ -36,6 +36,9 @@ def test_a_leaf_pruned_whole_below_sparsity_one_is_warned_about_at_init():
   with pytest.warns(UserWarning, match=r"\['small'\] \(4 units at 0.9\)"):  # ERK, one leaf.
     optax_prune.magnitude_pruning(optax_prune.polynomial_schedule(
         0.9, begin_step=0, end_step=10, frequency=1)).init({"small": params["small"]})
+  tiny = {name: jnp.ones((2, 1)) for name in "abc"}  # ERK: 1 unit kept over 3 leaves.
+  with pytest.warns(UserWarning, match=r"2 pruned leaves .* 2 of \['a'\], \['b'\], \['c'\]"):
+    optax_prune.magnitude_pruning(0.9).init(tiny)
   stack = {"stack": jnp.ones((2, 4, 1))}
   with pytest.warns(UserWarning, match=r"\['stack'\] layer 0 \(4 units at 0.9\), \['stack'\] layer 1"):
     optax_prune.magnitude_pruning(0.9, distribution="uniform", layer_axis=0).init(stack)
