@@ -12,7 +12,8 @@ things need to know about placement, and all of them are here:
   decides, and nothing is done here;
 * :func:`ones_like`: masks at ``init`` take their param's placement;
 * :func:`replicated` / :func:`like_axis`: small count vectors, whole on every
-  device, or split like a stack's layer axis for the ``vmap`` over its layers.
+  device, or split like a stack's layer axis for the ``vmap`` over its layers;
+* :func:`placed_like`: stored masks placed like their params.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def like_axis(x: jax.Array, of: jax.Array, axis: int = 0) -> jax.Array:
   sharding = explicit_sharding(of)
   spec = sharding.spec[axis] if sharding and axis < len(sharding.spec) else None
   return jax.sharding.reshard(x, P(spec)) if spec is not None else x
+
+
+def placed_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` resharded like ``like`` where Explicit mesh axes place them
+  differently (a state placed by other rules than its params:
+  ``nnx.Optimizer`` places it by the Variables' metadata); as it is otherwise."""
+  want = jax.typeof(like).sharding
+  if (explicit_sharding(x) or explicit_sharding(like)) and jax.typeof(x).sharding != want:
+    return jax.sharding.reshard(x, want)
+  return x
 
 
 def put_back(x: jax.Array, sharding: Optional[Any]) -> jax.Array:

@@ -599,8 +599,11 @@ def _state_masks(plan: _plan.Plan, state: MagnitudePruningState, params: list,
         f"The pruning state holds {'bool' if layout.packed else 'packed (uint8)'}"
         f" masks, but this transformation has `packed_masks={layout.packed}`:"
         " build it with the setting the state was made with (or `init` anew).")
-  # A float cast of the whole state (`tree_map_params`) is undone here.
-  return [layout.normalized(m) if p else m for m, p in zip(leaves, plan.pruned)]
+  # A float cast of the whole state (`tree_map_params`) is undone here, and
+  # masks placed otherwise than their params (`nnx.Optimizer` places its state
+  # by the Variables' metadata) are placed like them.
+  return [_placement.placed_like(layout.normalized(m), x) if p else m
+          for m, x, p in zip(leaves, params, plan.pruned)]
 
 
 def unpack_masks(masks: Any, params: Any) -> Any:

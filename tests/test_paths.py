@@ -89,11 +89,10 @@ def test_layer_axes_read_nnx_transform_metadata():
     return Block(rngs)
 
   with jax.set_mesh(jax.make_mesh((1, 1), ("layers", "m"))):  # For `out_sharding`.
+    # nnx.vmap names the layer axis but leaves the arrays where they are;
+    # `nnx.Optimizer` places its state (the masks) by the names: the masks
+    # are read placed like their params.
     model = make(nnx.Rngs(0))
-    # Place the arrays as their names say (nnx.vmap adds the name only).
-    placed = nnx.state(model)
-    nnx.update(model, jax.tree.map(jax.sharding.reshard, placed,
-                                   nnx.get_partition_spec(placed)))
     state = nnx.state(model, nnx.Param)
     rules = optax_prune.layer_axes(state, "layers")
     assert rules.rules == ((r"^\['linear'\]\['kernel'\]$", 0),)
