@@ -787,7 +787,9 @@ def load_compact(directory: Any, like: Any) -> tuple[Any, Any]:
     for leaves saved dense.
 
   Raises:
-    ValueError: if the file does not match `like` or is corrupted.
+    FileNotFoundError: if ``directory`` does not exist.
+    ValueError: if the file does not match `like` or is corrupted (its
+      metadata unreadable).
 
   Examples:
     >>> import tempfile, jax, jax.numpy as jnp, optax, optax_prune
@@ -806,11 +808,17 @@ def load_compact(directory: Any, like: Any) -> tuple[Any, Any]:
   """
   ocp = _orbax("load_compact")
   path = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no compact checkpoint at {path}: there is no such directory.")
   checkpointer = ocp.StandardCheckpointer()
   try:
     meta = checkpointer.metadata(path)
     meta = getattr(meta, "item_metadata", meta)
     meta = getattr(meta, "tree", meta)
+    if meta is None:  # Orbax reads a missing or damaged `_METADATA` as nothing.
+      raise ValueError(
+          f"{path} holds no readable compact checkpoint: its metadata (`_METADATA`)"
+          " is missing or damaged. Save it again with `save_compact`.")
     like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     targets, kinds, seen = [], [], set()
     for leaf_path, leaf in like_leaves:

@@ -342,3 +342,15 @@ def test_split_leaves_on_8_faked_devices(tmp_path):
   assert len(results) == 9
   failed = {k: v["detail"] for k, v in results.items() if not v["ok"]}
   assert not failed, failed
+
+
+def test_a_missing_or_unreadable_checkpoint_says_so(tmp_path):
+  params, masks = _params_and_masks()
+  like = jax.eval_shape(lambda: params)
+  with pytest.raises(FileNotFoundError, match="no compact checkpoint at .*no such directory"):
+    optax_prune.load_compact(tmp_path / "missing", like)
+  path = tmp_path / "ckpt"
+  optax_prune.save_compact(path, params, masks)
+  (path / "_METADATA").write_text("garbage{")  # Damaged, not a structure mismatch.
+  with pytest.raises(ValueError, match=r"no readable compact checkpoint: its metadata"):
+    optax_prune.load_compact(path, like)
