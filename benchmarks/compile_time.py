@@ -45,6 +45,9 @@ DEPTHS = (8, 16, 32, 64, 128)
 LINKS = {
     "adam": None,
     "default": {},
+    # The defaults in a step compiled without the mask update
+    # (`update_masks=False`): what the rest of the pruning link costs.
+    "default-no-mask-update": dict(update_masks=False),
     "erk-sort": dict(threshold="sort"),
     "erk-bisect": dict(threshold="bisect"),
     "erk-histogram": dict(threshold="histogram"),
@@ -159,6 +162,7 @@ def _link(name: str, params, scanned: bool = False):
             else optax_prune.straight_through(schedule, **stack))
     return optax.chain(optax.adam(1e-3), link)
   kwargs = dict(spec, **stack)
+  kwargs.pop("update_masks", None)  # A keyword of `update`, not of the link.
   structured = {
       "2:4": lambda x: optax_prune.n_of_m(2, 4, axis=-2),
       "blocks": lambda x: optax_prune.blocks((4, 4)),
@@ -215,6 +219,9 @@ def run_one(model: str, depth: int, link: str, repeats: int) -> dict:
   params = variables["params"]
   stats = {k: v for k, v in variables.items() if k != "params"}
   tx = _link(link, params, scanned=model in SCANNED)
+  spec = LINKS[link]
+  update_kwargs = ({"update_masks": spec["update_masks"]}
+                   if isinstance(spec, dict) and "update_masks" in spec else {})
   opt_state = tx.init(params)
 
   def loss(params, stats, x):
@@ -224,7 +231,7 @@ def run_one(model: str, depth: int, link: str, repeats: int) -> dict:
 
   def step(params, stats, opt_state, x):
     (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, x)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, **update_kwargs)
     return optax.apply_updates(params, updates), stats, opt_state
 
   with _PeakRss() as memory:

@@ -259,7 +259,7 @@ def drop_and_grow(
     after_drop = {i: keep for i, (keep, _) in after_drop.items()}
     # Grow: the `drop` candidates of largest |grow score| win.
     candidates = {i: ~(after_drop[i] if regrow_dropped else old[i]) for i in old}
-    scores = per_alike_leaf(grow_score, [
+    scores = grow_scores_of_alike_leaves(grow_score, [
         (inputs.params[leaf.index], None if inputs.grads is None else inputs.grads[leaf.index])
         for leaf in leaves], inputs.key, [leaf.index for leaf in leaves])
     grown = keep_units(plan, {
@@ -274,13 +274,15 @@ def drop_and_grow(
   return rule
 
 
-def per_alike_leaf(fn: Callable, args: Sequence[tuple], key: jax.Array,
+def grow_scores_of_alike_leaves(fn: Callable, args: Sequence[tuple], key: jax.Array,
                    indices: Sequence[int]) -> list:
   """``[fn(*args[k], leaf_key(key, indices[k])) for k]``, leaves whose
   arguments share shapes, dtypes and placement run as one instance of ``fn``
   (a ``lax.map`` that picks each leaf's arguments by ``lax.switch``): a
   random score compiles one PRNG stream per leaf shape, not one per leaf.
-  Same values as the calls one by one (the keys are the leaves' own)."""
+  Same values as the calls one by one (the keys are the leaves' own). The
+  kernels' sibling for scalars is ``_thresholds._per_alike_leaf``; this one
+  returns arrays, so it maps instead of writing into a loop carry."""
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
   by_type: dict = {}
   for k, a in enumerate(args):

@@ -61,3 +61,11 @@ def test_readme_shrink_example_runs(capsys):
   assert scope["widths"] == (32, 32)
   out = capsys.readouterr().out
   assert out.count("prunable") == 2 and "an input of the model" in out
+
+
+def test_readme_scanned_stack_example_runs():
+  (block,) = [b for b in _readme_blocks() if "layer_axis=layers" in b]
+  scope = {}
+  exec(compile(block, "README scanned stack example", "exec"), scope)
+  state = optax_prune.find_pruning_state(scope["opt_state"])
+  assert state.pruned_units.tolist() == [320] + [2048] * 12
