@@ -5,7 +5,8 @@ keep-mask packed 8 entries a byte, the kept values, an int32 header), or the
 N:M layout of :func:`to_nm`; :func:`uncompact` inverts it bit for bit.
 :func:`save_compact` and :func:`load_compact` store that tree with
 orbax-checkpoint (imported when they are called: the package does not need it)
-and check everything read back against the params it is loaded for.
+and check everything read back against the params it is loaded for, and
+against a CRC32 per stored array and shard written beside it.
 
 A leaf split over devices is compacted shard by shard on the host, one shard at
 a time, and restored onto each shard's own devices: no device, and no host
@@ -17,6 +18,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
+import zlib
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -629,6 +632,63 @@ def _expand(path, entry, sharding=None):
   return _expand_np(path, entry)
 
 
+# Checksums: a CRC32 per stored array and distinct shard ("block").
+
+_CHECKSUMS = "optax_prune"  # The key of orbax's custom metadata.
+
+
+def _crc32(block: np.ndarray) -> int:
+  # Bytes of any dtype (bf16 included) in row-major order; 0-d as one entry.
+  return zlib.crc32(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+
+
+def _distinct_shards(x) -> dict:
+  """{index ((start, stop) per axis): data} of an array's distinct shards."""
+  if not isinstance(x, jax.Array):
+    return {tuple((0, n) for n in np.shape(x)): x}
+  shards = {}
+  for shard in x.addressable_shards:
+    shards.setdefault(_index(shard.index, x.shape), shard.data)
+  return shards
+
+
+def _checksums(x) -> list:
+  """``[[index, crc], ...]`` of the blocks ``x`` is written in: its distinct shards."""
+  return [[[list(i) for i in index], _crc32(np.asarray(data))]
+          for index, data in sorted(_distinct_shards(x).items())]
+
+
+def _verify(where: str, x, blocks: list) -> None:
+  """Checks each saved block of ``x``, assembled on the host one block at a time.
+
+  A block is read from the shards of ``x`` (as loaded) that overlap it, so a
+  leaf loaded into another split than it was saved with is checked without
+  gathering it.
+  """
+  shards = _distinct_shards(x)
+  cached = (None, None)  # One shard on the host at a time.
+  for number, (index, expected) in enumerate(blocks):
+    index = tuple(tuple(i) for i in index)
+    block = np.empty([b - a for a, b in index], x.dtype)
+    for shard_index, data in shards.items():
+      overlap = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(index, shard_index)]
+      if block.size and any(a >= b for a, b in overlap):
+        continue
+      if cached[0] != shard_index:
+        cached = (shard_index, np.asarray(data))
+      within = lambda starts: tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(overlap, starts))
+      block[within(index)] = cached[1][within(shard_index)]
+    got = _crc32(block)
+    if got != expected:
+      shard = "" if len(blocks) == 1 else (
+          f" shard {number} of {len(blocks)} (index"
+          f" [{', '.join(f'{a}:{b}' for a, b in index)}]),")
+      raise ValueError(
+          f"{where}:{shard} its bytes do not match the checksum written with them"
+          f" (CRC32 {got:#010x}, saved {expected:#010x}): the file is damaged."
+          " Save it again from the params it came from.")
+
+
 # On disk, with orbax.
 
 
@@ -663,7 +723,8 @@ def save_compact(directory: Any, params: Any, masks: Any, *,
 
   On disk each pruned leaf holds the arrays of its :class:`CompactLeaf` or
   :class:`CompactNMLeaf` (orbax stores each as a compressed array), and
-  dense leaves are stored as they are, so the directory takes about the
+  dense leaves are stored as they are, with a CRC32 of each stored array's
+  shards in orbax's custom metadata, so the directory takes about the
   compact bytes (``benchmarks/compact_sizes.py``: smaller than orbax's
   checkpoint of the dense pruned params at every sparsity from 0.5 to 0.95).
   A split leaf is written shard by shard by the devices holding it. Load it
@@ -692,9 +753,12 @@ def save_compact(directory: Any, params: Any, masks: Any, *,
   """
   ocp = _orbax("save_compact")
   tree = _for_orbax(compact(params, masks, nm=nm))
+  checksums = {jax.tree_util.keystr(path): _checksums(x)
+               for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
   checkpointer = ocp.StandardCheckpointer()
   try:
-    checkpointer.save(os.path.abspath(os.fspath(directory)), tree, force=force)
+    checkpointer.save(os.path.abspath(os.fspath(directory)), tree, force=force,
+                      custom_metadata={_CHECKSUMS: {"format": 1, "crc32": checksums}})
     checkpointer.wait_until_finished()
   finally:
     checkpointer.close()
@@ -767,8 +831,12 @@ def load_compact(directory: Any, like: Any) -> tuple[Any, Any]:
   Everything read is checked against `like` before it is used: the tree's
   structure, each leaf's shape and dtype, and for a compact leaf its header
   and the popcount of its mask bits against its kept count and its stored
-  values. A mismatch or a corrupted file is a ``ValueError`` naming the leaf,
-  never wrong weights. Each leaf is placed with its `like` leaf's sharding
+  values. Every array read is checked against the CRC32 that
+  :func:`save_compact` wrote for each of its shards (one shard at a time on
+  the host, also when loaded into another split). A mismatch, a corrupted or
+  a truncated file is a ``ValueError`` naming the leaf (and the shard), never
+  wrong weights; a file written without checksums (by an older version)
+  loads with a warning. Each leaf is placed with its `like` leaf's sharding
   (the default device when it has none). A leaf saved split over devices and
   loaded with the same split is restored shard by shard on its devices;
   loaded into another split (another mesh, or one device), it is assembled
@@ -789,7 +857,7 @@ def load_compact(directory: Any, like: Any) -> tuple[Any, Any]:
   Raises:
     FileNotFoundError: if ``directory`` does not exist.
     ValueError: if the file does not match `like` or is corrupted (its
-      metadata unreadable).
+      metadata unreadable, a data file truncated, a checksum differing).
 
   Examples:
     >>> import tempfile, jax, jax.numpy as jnp, optax, optax_prune
@@ -813,6 +881,7 @@ def load_compact(directory: Any, like: Any) -> tuple[Any, Any]:
   checkpointer = ocp.StandardCheckpointer()
   try:
     meta = checkpointer.metadata(path)
+    checksums = (getattr(meta, "custom_metadata", None) or {}).get(_CHECKSUMS)
     meta = getattr(meta, "item_metadata", meta)
     meta = getattr(meta, "tree", meta)
     if meta is None:  # Orbax reads a missing or damaged `_METADATA` as nothing.
@@ -837,9 +906,17 @@ def load_compact(directory: Any, like: Any) -> tuple[Any, Any]:
       raise ValueError(
           f"the file holds leaves that `like` does not: {', '.join(extra[:3])} (it was"
           f" saved from a larger structure). {_LOAD_FIX}")
-    restored = checkpointer.restore(path, jax.tree_util.tree_unflatten(treedef, targets))
+    try:
+      restored = checkpointer.restore(path, jax.tree_util.tree_unflatten(treedef, targets))
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore raise bare Exceptions with pages of spec dumps.
+      raise ValueError(
+          f"could not read the arrays of {path}: a data file is damaged or"
+          f" truncated ({str(e).split(' See full')[0].splitlines()[0][:160]}). Save it again with"
+          " `save_compact`.") from None
   finally:
     checkpointer.close()
+  _check_checksums(path, restored, checksums)
   entries = jax.tree_util.tree_flatten(restored, is_leaf=lambda x: _is_entry(x) or x is None)[0]
   params, masks = [], []
   for (leaf_path, leaf), kind, entry in zip(like_leaves, kinds, entries):
@@ -864,6 +941,22 @@ def load_compact(directory: Any, like: Any) -> tuple[Any, Any]:
     masks.append(mask)
   return (jax.tree_util.tree_unflatten(treedef, params),
           jax.tree_util.tree_unflatten(treedef, masks))
+
+
+def _check_checksums(directory: str, restored: Any, checksums: Any) -> None:
+  if checksums is None:
+    warnings.warn(
+        f"{directory} holds no checksums (written before optax_prune stored them,"
+        " or not by `save_compact`): its values are loaded unverified. Save it"
+        " again with `save_compact` to store them.", UserWarning, stacklevel=3)
+    return
+  crc32 = checksums.get("crc32", {}) if isinstance(checksums, dict) else {}
+  for path, x in jax.tree_util.tree_flatten_with_path(restored)[0]:
+    name = jax.tree_util.keystr(path)
+    if name not in crc32:
+      raise ValueError(f"the leaf at {name}: the file records no checksum for it:"
+                       f" its metadata is damaged. Save it again with `save_compact`.")
+    _verify(f"the leaf at {name}", x, crc32[name])
 
 
 def _differs(path, what, saved, wanted) -> ValueError:

@@ -200,6 +200,21 @@ def run(out_dir: str) -> dict:
     x, mask = placed["both-4x2"][:2]
     problems += problems_of("resplit", resplit["both-4x2"],
                             resplit_masks["both-4x2"], x, mask, other_sharding)
+    # A damaged shard is named, loaded in place or into another split.
+    record_path = os.path.join(path, "_CHECKPOINT_METADATA")
+    with open(record_path) as f:
+      record = json.load(f)
+    blocks = record["custom_metadata"]["optax_prune"]["crc32"]["['both-4x2'].values"]
+    blocks[5][1] ^= 1
+    with open(record_path, "w") as f:
+      json.dump(record, f)
+    for name, target in [("in place", like), ("resplit", other)]:
+      try:
+        optax_prune.load_compact(path, target)
+        problems.append(f"a damaged shard loaded {name}")
+      except ValueError as e:
+        if f"['both-4x2'].values: shard 5 of {len(blocks)}" not in str(e):
+          problems.append(f"a damaged shard loaded {name}: {e}")
     return problems
 
   check("orbax-round-trip", orbax_round_trip)

@@ -325,7 +325,8 @@ def test_loading_for_other_params_or_corrupted_data_is_a_clear_error(tmp_path):
   checkpointer.save(tmp_path / "bad", {"w": small["w"]._replace(header=jnp.asarray(header))})
   checkpointer.wait_until_finished()
   checkpointer.close()
-  with pytest.raises(ValueError, match=r"\['w'\].*bits set.*corrupted"):
+  with pytest.raises(ValueError, match=r"\['w'\].*bits set.*corrupted"), pytest.warns(
+      UserWarning, match="no checksums"):
     optax_prune.load_compact(tmp_path / "bad", {"w": params["dense"]["kernel"]})
 
 
@@ -354,3 +355,97 @@ def test_a_missing_or_unreadable_checkpoint_says_so(tmp_path):
   (path / "_METADATA").write_text("garbage{")  # Damaged, not a structure mismatch.
   with pytest.raises(ValueError, match=r"no readable compact checkpoint: its metadata"):
     optax_prune.load_compact(path, like)
+
+
+def _data_files(path):
+  return sorted((f for f in path.rglob("*") if f.is_file() and f.parent.name == "d"),
+                key=lambda f: f.stat().st_size)
+
+
+def test_damaged_bytes_are_refused_and_old_files_load_with_a_warning(tmp_path):
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((128, 96)).astype(np.float32)
+  params = {"w": jnp.asarray(w), "b": jnp.asarray(rng.standard_normal(96).astype(np.float32))}
+  masks = {"w": jnp.asarray(np.abs(w) > 0.5), "b": optax.MaskedNode()}
+  like = jax.eval_shape(lambda: params)
+  expected = np.where(np.abs(w) > 0.5, w, 0)
+
+  def saved(name):
+    path = tmp_path / name
+    optax_prune.save_compact(path, params, masks)
+    return path
+
+  # Bytes overwritten in the middle of the largest data file, its size kept:
+  # 16 flipped bytes, then a run of random ones.
+  for name, size in [("flipped", 16), ("overwritten", 4096)]:
+    path = saved(name)
+    data_file = _data_files(path)[-1]
+    data = bytearray(data_file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + size] = (np.frombuffer(data[middle:middle + size], np.uint8)
+                                  ^ rng.integers(1, 256, size, dtype=np.uint8)).tobytes()
+    data_file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"damaged"):
+      optax_prune.load_compact(path, like)
+
+  # Truncated: one clear message, not orbax's pages of TensorStore specs.
+  path = saved("truncated")
+  data_file = _data_files(path)[-1]
+  data_file.write_bytes(data_file.read_bytes()[:100])
+  with pytest.raises(ValueError, match=r"could not read the arrays of .*damaged or truncated"
+                     r" \([^\n]*\)\. Save it again") as error:
+    optax_prune.load_compact(path, like)
+  assert "TensorStore" not in str(error.value)
+
+  # A recorded checksum that differs names the leaf and its array.
+  path = saved("recorded")
+  record = json.loads((path / "_CHECKPOINT_METADATA").read_text())
+  record["custom_metadata"]["optax_prune"]["crc32"]["['w'].values"][0][1] ^= 1
+  (path / "_CHECKPOINT_METADATA").write_text(json.dumps(record))
+  with pytest.raises(ValueError, match=r"the leaf at \['w'\]\.values: its bytes do not match"
+                     r" the checksum.*damaged"):
+    optax_prune.load_compact(path, like)
+
+  # Written without checksums (before they existed): loads, with a warning.
+  path = saved("old")
+  record = json.loads((path / "_CHECKPOINT_METADATA").read_text())
+  del record["custom_metadata"]["optax_prune"]
+  (path / "_CHECKPOINT_METADATA").write_text(json.dumps(record))
+  with pytest.warns(UserWarning, match=r"holds no checksums.*loaded unverified.*Save it again"):
+    loaded, _ = optax_prune.load_compact(path, like)
+  np.testing.assert_array_equal(np.asarray(loaded["w"]), expected)
+  # Undamaged: loads exactly, without a warning (warnings are errors here).
+  loaded, _ = optax_prune.load_compact(saved("intact"), like)
+  np.testing.assert_array_equal(np.asarray(loaded["w"]), expected)
+  np.testing.assert_array_equal(np.asarray(loaded["b"]), np.asarray(params["b"]))
+
+
+@given(st.lists(st.integers(1, 5), min_size=0, max_size=3), st.data())
+def test_checksums_are_verified_block_by_block_across_other_splits(shape, data):
+  """``_verify`` reads every saved block from the overlapping loaded shards.
+
+  Reference: NumPy's own CRC32 of each block (zlib on the block's bytes).
+  Loaded as one host array here; the 8-device checks load into other splits.
+  """
+  import zlib  # pylint: disable=import-outside-toplevel
+  from optax_prune import _compact  # pylint: disable=import-outside-toplevel
+
+  x = np.asarray(np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) * 0.5 - 1.0)
+  splits = [data.draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+            for n in shape]
+  blocks = []
+  for starts in np.ndindex(*splits):
+    index = [(i * n // g, (i + 1) * n // g) for i, n, g in zip(starts, shape, splits)]
+    block = x[tuple(slice(a, b) for a, b in index)]
+    blocks.append([[list(i) for i in index], zlib.crc32(np.ascontiguousarray(block).tobytes())])
+  _compact._verify("the leaf at ['x']", x, blocks)  # pylint: disable=protected-access
+  if x.size:
+    damaged = x.copy()
+    flat_index = data.draw(st.integers(0, x.size - 1))
+    damaged.reshape(-1)[flat_index] += 1.0
+    number = next(i for i, (index, _) in enumerate(blocks)
+                  if all(a <= u < b for (a, b), u in
+                         zip(index, np.unravel_index(flat_index, shape))))
+    message = r"\['x'\]:" + (f" shard {number} of {len(blocks)}" if len(blocks) > 1 else "")
+    with pytest.raises(ValueError, match=message):
+      _compact._verify("the leaf at ['x']", damaged, blocks)  # pylint: disable=protected-access
