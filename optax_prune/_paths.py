@@ -225,8 +225,8 @@ def default_where(path_leaves: list, tree: Any = None) -> list[bool]:
   modules (``tree``), the ``weight`` of every ``eqx.nn.Linear``, ``Conv`` and
   ``ConvTranspose`` (those inside ``MLP`` and ``MultiheadAttention``
   included), not ``Embedding`` or norms. Params with neither (plain dicts,
-  haiku) fall back to every floating leaf with ``ndim >= 2``; the README
-  shows the ``where`` to use there.
+  haiku) fall back to every floating leaf with ``ndim >= 2``; the gradual
+  pruning guide shows the ``where`` to use there.
   """
   is_float = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
   matrix = [len(getattr(leaf, "shape", ())) >= 2 and is_float(leaf) for _, leaf in path_leaves]
