@@ -13,6 +13,8 @@ first run), not the editable install of the working tree.
     .venv/bin/python scripts/check_edits.py --module _rules.py
     .venv/bin/python scripts/check_edits.py --only rules-drop-floor sparse-ste-dense-frozen
     .venv/bin/python scripts/check_edits.py --list
+    .venv/bin/python scripts/check_edits.py --source d73c7c1 --report /tmp/before.json
+    .venv/bin/python scripts/check_edits.py --only rules-drop-floor --tests tests/test_sparse.py
 
 Writes a JSON report (``benchmarks/results/edits.json`` by default) and
 prints a table. Exit status 1 if any edit is missed or fails to apply.
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -49,7 +52,14 @@ def repository_files(root: pathlib.Path) -> list[str]:
   return sorted({p for p in out.decode().split("\0") if p and (root / p).is_file()})
 
 
-def copy_repository(root: pathlib.Path, dest: pathlib.Path) -> None:
+def copy_repository(root: pathlib.Path, dest: pathlib.Path, source: Optional[str] = None) -> None:
+  """The working tree's files into ``dest``; or, with ``source`` (a git
+  revision), the files committed there (to ask what an older suite caught)."""
+  if source is not None:
+    archive = subprocess.run(["git", "archive", "--format=tar", source], cwd=root,
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return
   for path in repository_files(root):
     target = dest / path
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,13 +103,15 @@ def _first_failure(output: str) -> str:
   return output.strip().splitlines()[-1][:160] if output.strip() else ""
 
 
-def mapped_paths(module: str) -> list[str]:
-  """The module's mapped test files, its doctests first (they are quick)."""
-  paths = edits_module.TESTS[module]
+def mapped_paths(module: str, copy: pathlib.Path) -> list[str]:
+  """The module's mapped test files that exist in ``copy``, its doctests
+  first (they are quick)."""
+  paths = [p for p in edits_module.TESTS[module] if (copy / p).is_file()]
   return sorted(paths, key=lambda p: not p.startswith("optax_prune/"))
 
 
-def run_edit(edit, python: str, copy: pathlib.Path, timeout: float) -> Result:
+def run_edit(edit, python: str, copy: pathlib.Path, timeout: float,
+             tests: Optional[list[str]] = None) -> Result:
   started = time.perf_counter()
   module = os.path.basename(edit.module)
   result = lambda status, detail="": Result(
@@ -112,7 +124,7 @@ def run_edit(edit, python: str, copy: pathlib.Path, timeout: float) -> Result:
     return result("error-applying", f"`old` occurs {original.count(edit.old)} times")
   path.write_text(original.replace(edit.old, edit.new))
   try:
-    proc = subprocess.run([python, *PYTEST, *mapped_paths(module)], cwd=copy,
+    proc = subprocess.run([python, *PYTEST, *(tests or mapped_paths(module, copy))], cwd=copy,
                           env=environment(copy), capture_output=True, text=True,
                           timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -133,7 +145,7 @@ def run_baseline(modules, python: str, copy: pathlib.Path, timeout: float) -> di
   """pytest's exit status on the unedited copy, per module's test files."""
   out = {}
   for module in modules:
-    proc = subprocess.run([python, *PYTEST, *mapped_paths(module)], cwd=copy,
+    proc = subprocess.run([python, *PYTEST, *mapped_paths(module, copy)], cwd=copy,
                           env=environment(copy), capture_output=True, text=True,
                           timeout=timeout)
     out[module] = proc.returncode
@@ -150,9 +162,16 @@ def main(argv=None) -> int:
                       help="run the edits of these modules (_rules.py ...)")
   parser.add_argument("--list", action="store_true", help="list the edits and exit")
   parser.add_argument("--timeout", type=float, default=600, help="seconds per edit")
+  parser.add_argument("--tests", nargs="+", metavar="PATH",
+                      help="run these tests (pytest node ids) instead of the mapped ones,"
+                           " e.g. to see a new test catch an edit")
+  parser.add_argument("--source", metavar="REV",
+                      help="test the files committed at this git revision instead of the"
+                           " working tree (what did that suite catch?)")
   parser.add_argument("--baseline", action="store_true",
                       help="first run each module's tests without an edit (they must pass)")
-  parser.add_argument("--report", default=str(ROOT / "benchmarks" / "results" / "edits.json"))
+  parser.add_argument("--report", help="the JSON report (default: benchmarks/results/"
+                      "edits.json; none with --tests unless given)")
   parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
   args = parser.parse_args(argv)
 
@@ -175,7 +194,7 @@ def main(argv=None) -> int:
   started = time.perf_counter()
   with tempfile.TemporaryDirectory(prefix="optax_prune_edits_") as tmp:
     copy = pathlib.Path(tmp)
-    copy_repository(ROOT, copy)
+    copy_repository(ROOT, copy, args.source)
     check_imports(args.python, copy)
     baseline = {}
     if args.baseline:
@@ -186,7 +205,7 @@ def main(argv=None) -> int:
     with tqdm(chosen, unit="edit") as bar:
       for edit in bar:
         bar.set_postfix_str(edit.name)
-        results.append(run_edit(edit, args.python, copy, args.timeout))
+        results.append(run_edit(edit, args.python, copy, args.timeout, args.tests))
         if results[-1].status not in ("caught", "equivalent"):
           bar.write(f"{results[-1].status}: {edit.name} ({edit.breaks})")
   wall = time.perf_counter() - started
@@ -197,7 +216,9 @@ def main(argv=None) -> int:
   counts = {s: sum(r.status == s for r in results)
             for s in ("caught", "missed", "error-applying", "timeout", "equivalent")}
   print(", ".join(f"{n} {s}" for s, n in counts.items()) + f"; {wall:.0f} s")
-  report = pathlib.Path(args.report)
+  if args.report is None and args.tests:
+    return 0 if counts["caught"] == len(results) - counts["equivalent"] else 1
+  report = pathlib.Path(args.report or ROOT / "benchmarks" / "results" / "edits.json")
   report.parent.mkdir(parents=True, exist_ok=True)
   previous = json.loads(report.read_text()) if report.exists() and (args.only or args.module) else {}
   by_name = {r["name"]: r for r in previous.get("results", [])}

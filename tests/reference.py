@@ -112,3 +112,26 @@ def erk_densities(shapes, sparsity):
     if not (density > 1).any():
       return density
     dense |= density > 1
+
+
+def drop_and_grow(old, w, grow, fraction, regrow_dropped=True):
+  """RigL's and SET's update of one leaf's keep-mask ``old``: drop the
+  round(f * k) kept entries of smallest |w|, then grow as many candidates of
+  largest |grow|: every entry not kept after the drop, or with
+  ``regrow_dropped=False`` only those pruned before (then d <= n - k). Ties:
+  lower flat index pruned first. Returns the flat mask and the dropped indices."""
+  old = np.asarray(old, bool).reshape(-1)
+  n, k = old.size, int(old.sum())
+  fraction = min(max(float(np.nan_to_num(np.float32(fraction))), 0.0), 1.0)
+  d = int(np.round(np.float32(fraction) * np.float32(k)))
+  if not regrow_dropped:
+    d = min(d, n - k)
+  kept = np.flatnonzero(old)
+  dropped = kept[np.argsort(magnitude_keys(w)[kept], kind="stable")[:d]]
+  after = old.copy()
+  after[dropped] = False
+  candidates = np.flatnonzero(~after if regrow_dropped else ~old)
+  order = candidates[np.argsort(magnitude_keys(grow)[candidates], kind="stable")]
+  new = after.copy()
+  new[order[len(order) - d:]] = True
+  return new, dropped
