@@ -76,6 +76,10 @@ def test_drop_and_grow_matches_the_numpy_reference(method, regrow_dropped):
       adam = state.inner_state[0]  # Their Adam moments restart from init: 0.
       for moment in (adam.mu, adam.nu):
         assert np.all(np.asarray(moment[k]["kernel"])[grown] == 0)
+      if t == 0:  # The inner optimizer sees no gradient at pruned entries.
+        g = np.asarray(grads[k]["kernel"])
+        np.testing.assert_allclose(np.asarray(adam.mu[k]["kernel"]),
+                                   np.where(masks[k], np.float32(0.1) * g, 0), rtol=1e-6)
     masks = new
   assert moved > 0
   pruned = optax_prune.find_pruning_state(state).pruned_units
@@ -234,6 +238,8 @@ def test_straight_through_trains_dense_weights_and_lets_them_return():
     (lambda: optax_prune.rigl(optax.adam(1e-3), 0.8, end_step=10,
                               drop_fraction=lambda s: (s, s)), "drop_fraction"),
     (lambda: optax_prune.rigl("adam", 0.8, end_step=10), "inner"),
+    (lambda: optax_prune.rigl(optax.adam(1e-3), 0.8, end_step=10, regrow_dropped=1),
+     "regrow_dropped"),
     (lambda: optax_prune.static_sparse(-0.1), "sparsity"),
 ])
 def test_bad_arguments_name_themselves(call, match):
