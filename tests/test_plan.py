@@ -63,6 +63,34 @@ def test_auto_policy_by_backend(backend, size, whole, expected):
   assert _thresholds.choose_method("bisect", size, whole, backend) == "bisect"
 
 
+def test_the_checks_read_the_smallest_nonempty_pruned_leaf():
+  # `pruned_nonzero` and `zero_update_steps` read one leaf: the smallest that
+  # has entries (an empty one would hide every mistake), ties by position.
+  tree = {"a": (0, 5), "b": (8, 8), "c": (4, 4), "d": (2, 8), "e": (3,)}
+  params = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, shape in tree.items()}
+  plan = _plan.make_plan(_config.make_config(0.5), params)
+  assert plan.pruned == (True, True, True, True, False)
+  assert plan.sentinel == 2  # "c": 16 entries, before "d".
+
+
+def test_empty_leaves_hold_no_units_and_groups_up_to_int32_are_planned():
+  # An empty leaf has no units whatever its granularity (a (0, 5) leaf has 5
+  # empty channels): it takes no share of a budget.
+  params = {"a": jax.ShapeDtypeStruct((0, 5), jnp.float32),
+            "b": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
+  config = _config.make_config(0.5, granularity=optax_prune.channels(axis=-1),
+                               scope="global")
+  groups = _plan.make_plan(config, params).schedules[0].groups
+  assert [[leaf.units for leaf in g.leaves] for g in groups] == [[0], [4]]
+  # Exactly 2**31 - 1 units fit a group; one more is refused.
+  config = _config.make_config(0.5, distribution="uniform")
+  big = lambda n: {"w": jax.ShapeDtypeStruct((1, n), jnp.float32)}
+  (group,) = _plan.make_plan(config, big(2**31 - 1)).schedules[0].groups
+  assert group.units == 2**31 - 1
+  with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1"):
+    _plan.make_plan(config, big(2**31))
+
+
 def test_equal_numbers_share_one_global_ranking():
   # Two equal values, as read from a JSON config, are one schedule: the two
   # leaves are ranked together, so the small leaf loses everything.
