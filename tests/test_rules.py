@@ -104,14 +104,15 @@ def test_a_drop_fraction_above_one_is_clipped_to_one():
 
 
 def test_each_layer_of_a_stack_drops_and_grows_its_own_count():
-  # Layer 0 keeps 8 of 16, layer 1 keeps 12: each drops round(f * its k).
+  # Layer 0 keeps 8 of 16, layer 1 keeps 12: at f = 0.3 each drops
+  # round(f * its k), 2 (of 2.4) and 4 (of 3.6, not 3).
   w0, old0, g0 = _dropped_with_top_gradients()
   w1 = np.zeros(16, np.float32)
-  w1[:12] = np.arange(12.0, 0.0, -1.0)  # Smallest kept last: 11, 10, 9.
+  w1[:12] = np.arange(12.0, 0.0, -1.0)  # Smallest kept last: 11, 10, 9, 8.
   old1 = np.arange(16) < 12
-  g1 = np.arange(16.0, 0.0, -1.0).astype(np.float32)
+  g1 = np.arange(1.0, 17.0).astype(np.float32)
   w, old, g = (np.stack([a, b]).reshape(2, 4, 4) for a, b in ((w0, w1), (old0, old1), (g0, g1)))
-  tx = _rigl(0.5, 0.25, layer_axis=0)
+  tx = _rigl(0.5, 0.3, layer_axis=0)
   params = {"w": jnp.asarray(w)}
   state = tx.init(params)
   assert state.masks.pruned_units.tolist() == [8, 8]
@@ -121,8 +122,8 @@ def test_each_layer_of_a_stack_drops_and_grows_its_own_count():
   _, state = jax.jit(tx.update)({"w": jnp.asarray(g)}, state._replace(masks=masks), params)
   new = np.asarray(state.masks.masks["w"]).reshape(2, 16)
   for layer, (wl, ol, gl) in enumerate(((w0, old0, g0), (w1, old1, g1))):
-    expected, dropped = reference.drop_and_grow(ol, wl, gl, 0.25)
-    assert len(dropped) == (2, 3)[layer]
+    expected, dropped = reference.drop_and_grow(ol, wl, gl, 0.3)
+    assert len(dropped) == (2, 4)[layer]
     np.testing.assert_array_equal(new[layer], expected, err_msg=f"layer {layer}")
 
 

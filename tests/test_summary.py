@@ -48,6 +48,32 @@ def test_masks_count_pruned_not_zeros():
   assert summary.sparsity == 1 / 6
 
 
+def test_rows_read_masks_and_the_table_warns_from_the_counters():
+  # Zeros and pruned entries differ: a kept 0 ([0, 0]) and two pruned
+  # entries that are not 0 (a link after the pruning moved them).
+  params = {"w": jnp.array([[0.0, 1.0], [2.0, 3.0]]), "b": jnp.zeros(2)}
+  masks = {"w": jnp.array([[True, False], [False, True]]), "b": optax.MaskedNode()}
+  summary = optax_prune.sparsity_summary(params, masks)
+  (b, w) = summary.rows
+  assert (w.zeros, w.pruned, w.sparsity, w.pruned_nonzero) == (1, 2, 0.5, 2)
+  assert (b.zeros, b.pruned, b.sparsity, b.pruned_nonzero) == (2, None, 1.0, None)
+  assert (summary.pruned, summary.masked_sparsity, summary.pruned_nonzero) == (2, 0.5, 2)
+  assert summary.sparsity == 2 / 6
+  lines = str(summary).splitlines()
+  assert lines[0].split() == ["path", "shape", "size", "zeros", "pruned", "sparsity"]
+  assert lines[-2].split() == ["masked", "leaves", "4", "1", "2", "50.00%"]
+  assert lines[-1].startswith("WARNING: 2 pruned entries are not zero")
+  # The step counters: micro-batches from half of the steps (and two) on,
+  # skipped mask updates whenever there are any.
+  quiet = optax_prune.sparsity_summary({"w": params["w"]}, {"w": jnp.ones((2, 2), bool)})
+  for steps, zero, warned in ((4, 2, True), (5, 2, False), (2, 1, False), (3, 3, True)):
+    text = str(quiet._replace(steps=steps, zero_update_steps=zero))
+    assert ("MultiSteps" in text) == warned, (steps, zero)
+  assert "WARNING" not in str(quiet)
+  assert "WARNING: 3 steps at which the pruning schedule was due" in str(
+      quiet._replace(skipped_mask_updates=3))
+
+
 def test_masks_of_another_structure_are_rejected():
   with pytest.raises(ValueError, match="masks"):
     optax_prune.sparsity_summary({"w": jnp.ones(2)}, {"v": jnp.ones(2, bool)})
