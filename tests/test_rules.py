@@ -150,3 +150,30 @@ def test_erk_counts_stay_nested_through_a_mask_update():
     assert not (later[k] & ~first[k]).any(), f"{k}: a pruned channel came back"
   assert all(b >= a for a, b in zip(pruned_first, state.pruned_units.tolist()))
   assert sum(state.pruned_units.tolist()) == reference.prune_count(0.75, 8 + 16 + 8)
+
+
+def test_coupled_channels_pruned_before_stay_pruned_when_kept_ones_are_zero():
+  # Channel 3 is pruned at 0.25; then kept channels 0 and 1 become exactly 0.
+  # At 0.5 two channels go: channel 3 (pruned before, it must stay so) and
+  # channel 0 (a kept zero, by position), not channels 0 and 1.
+  def schedule(step):
+    sparsity = jnp.where(step == 0, 0.25, 0.5).astype(jnp.float32)
+    return optax_prune.PruningTarget(sparsity, step <= 1)
+
+  w1 = np.array([[1.0, 2.0, 3.0, 0.5]] * 3, np.float32)
+  w2 = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [0.5, 0.5]], np.float32)
+  params = {"a": {"kernel": jnp.asarray(w1)}, "b": {"kernel": jnp.asarray(w2)}}
+  fn = lambda p, x: jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+  groups = optax_prune.channel_groups(fn, params, jnp.ones((2, 3)))
+  tx = optax_prune.magnitude_pruning(schedule,
+                                     granularity=optax_prune.coupled_channels(groups))
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  updates, state = update(params, state, params)
+  keep = lambda state: np.asarray(state.masks["a"]["kernel"]).any(axis=0)
+  np.testing.assert_array_equal(keep(state), [True, True, True, False])
+  params = optax.apply_updates(params, updates)
+  params["a"]["kernel"] = params["a"]["kernel"].at[:, :2].set(0.0)
+  params["b"]["kernel"] = params["b"]["kernel"].at[:2].set(0.0)
+  _, state = update(params, state, params)
+  np.testing.assert_array_equal(keep(state), [False, True, True, False])
