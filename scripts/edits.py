@@ -43,7 +43,7 @@ TESTS = {
     "_thresholds.py": ("tests/test_thresholds.py", "tests/test_plan.py",
                        "optax_prune/_thresholds.py"),
     "_transform.py": ("tests/test_transform.py", "tests/test_contract.py", "tests/test_sparse.py",
-                      "optax_prune/_transform.py"),
+                      "tests/test_bits.py", "optax_prune/_transform.py"),
     "_placement.py": ("tests/test_plan.py", "tests/test_sharding.py"),
     "_granularity.py": ("tests/test_granularity.py", "tests/test_contract.py",
                         "optax_prune/_granularity.py"),

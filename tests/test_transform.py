@@ -220,6 +220,25 @@ def test_update_masks_false_at_due_steps_is_counted_and_shown():
   assert "3 steps at which the pruning schedule was due" in str(summary)
 
 
+def test_zero_update_steps_count_all_zero_updates_not_ones_that_cancel():
+  params = {"w": jnp.ones((2, 2))}
+  tx = optax_prune.magnitude_pruning(0.5)
+  state = tx.init(params)
+  for updates in ([[1.0, -1.0], [2.0, -2.0]], [[0.0, 0.0], [-0.0, 0.0]], [[3.0, 0.0], [0.0, 0.0]]):
+    _, state = tx.update({"w": jnp.asarray(updates)}, state, params)
+  assert int(state.zero_update_steps) == 1
+
+
+def test_init_warns_when_a_shared_budget_leaves_a_leaf_without_a_unit():
+  # ERK over three leaves of 4 units: at 0.75, 3 units are kept, one per
+  # leaf; at 0.8 (round(9.6) = 10 pruned) only 2: one leaf goes whole.
+  params = {k: jnp.ones((2, 2)) for k in "abc"}
+  optax_prune.magnitude_pruning(0.75, distribution="erk").init(params)  # No warning.
+  with pytest.warns(UserWarning, match=r"^1 pruned leaves .* 1 of \['a'\], \['b'\], \['c'\]"
+                    r" \(at 0.8, 2 units kept"):
+    optax_prune.magnitude_pruning(0.8, distribution="erk").init(params)
+
+
 def test_a_step_without_mask_update_compiles_no_conditional():
   # No conditional: nothing for a GPU to read on the host on those steps.
   tx = optax.chain(optax.adam(0.05), optax_prune.magnitude_pruning(_EVERY_OTHER))
