@@ -214,6 +214,12 @@ def test_erk_counts_stay_nested_when_rounding_would_shrink_a_leaf():
   assert sum(later) == sum(raw) == reference.prune_count(0.75, sum(sizes))
 
 
+def test_nested_counts_also_hold_when_the_total_stays_the_same():
+  # A re-update at the same total: the leaf that lost 4 keeps them.
+  got = _distributions.nested_counts(jnp.asarray([3, 5]), jnp.asarray([4, 4]))
+  assert [int(c) for c in got] == [4, 4]
+
+
 @given(amount=st.integers(0, 300), room=st.lists(st.integers(0, 60), max_size=8))
 def test_fill_in_order_takes_what_fits_leaf_by_leaf(amount, room):
   # The vector form of the sequential rule the counts are built with.

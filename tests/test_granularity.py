@@ -155,6 +155,7 @@ def test_global_scope_ranks_units_of_one_granularity_together():
     (lambda: optax_prune.n_of_m(0, 4, axis=0), "`n`"),
     (lambda: optax_prune.n_of_m(2, 4.0, axis=0), "`m`"),
     (lambda: optax_prune.n_of_m(2, 512, axis=0), "`m` must satisfy 1 <= n < m <= 256"),
+    (lambda: optax_prune.n_of_m(4, 4, axis=0), r"1 <= n < m <= 256 .* got n=4, m=4"),
     (lambda: optax_prune.n_of_m(2, 4, axis="x"), "`axis`"),
     (lambda: optax_prune.blocks((4,)), "`shape`"),
     (lambda: optax_prune.blocks((0, 4)), r"`shape\[0\]`"),

@@ -131,6 +131,19 @@ def test_mask_update_steps_lists_the_formulas_update_steps():
   assert optax_prune.mask_update_steps(0.3, 0).tolist() == []
 
 
+def test_from_optax_schedule_clips_and_updates_from_begin_step_on():
+  ramp = lambda step: 1.5 - step.astype(jnp.float32) / 100  # From 1.5 down past 0.
+  schedule = optax_prune.from_optax_schedule(ramp, every=10, begin_step=25)
+  assert [float(schedule(t).sparsity) for t in (0, 100, 200)] == [1.0, 0.5, 0.0]
+  assert optax_prune.mask_update_steps(schedule, 60).tolist() == [25, 35, 45, 55]
+
+
+@pytest.mark.parametrize("flag", [jnp.int32(1), jnp.float32(1.0)])
+def test_a_schedule_whose_update_flag_is_not_a_bool_is_refused(flag):
+  with pytest.raises(ValueError, match="must return a pair"):
+    optax_prune.magnitude_pruning(lambda step: optax_prune.PruningTarget(jnp.float32(0.5), flag))
+
+
 def test_mask_update_steps_rejects_bad_arguments():
   with pytest.raises(ValueError, match="`num_steps`"):
     optax_prune.mask_update_steps(0.5, -1)
