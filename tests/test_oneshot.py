@@ -57,6 +57,21 @@ def test_saliency_ranks_by_the_grads_given():
   np.testing.assert_array_equal(masks["w"], [[True, False, True, False]])
 
 
+def test_per_output_pruning_ranks_each_output_of_each_layer_of_a_stack():
+  # Wanda's comparison group, per layer: each column of each layer of the
+  # stack loses round(0.7 * 4) = 3 (not 2) of its 4 weights.
+  w = np.random.default_rng(1).standard_normal((2, 4, 3)).astype(np.float32)
+  w[1] *= 10.0  # Layers of other scales: ranked together, layer 0 would lose most.
+  pruned, masks = optax_prune.prune({"w": jnp.asarray(w)}, 0.7, compare="output", layer_axis=0)
+  expected = np.ones(w.shape, bool)
+  for layer in range(2):
+    for column in range(3):
+      order = np.argsort(reference.magnitude_keys(w[layer, :, column]), kind="stable")
+      expected[layer, order[:3], column] = False
+  np.testing.assert_array_equal(np.asarray(masks["w"]), expected)
+  np.testing.assert_array_equal(np.asarray(pruned["w"]), np.where(expected, w, 0))
+
+
 def test_prune_takes_numbers_only():
   params = helpers.params()
   with pytest.raises(ValueError, match="schedules belong to `magnitude_pruning`"):

@@ -61,6 +61,16 @@ def test_least_loss_takes_the_cheapest_entries_first():
   assert chosen == {"l0": pytest.approx(0.25 + 125 / 300, abs=1e-6), "l1": 0.0}
 
 
+def test_curves_are_made_non_decreasing_and_results_rounded_down():
+  # l0's measured loss dips back to 0: read as (0, 1, 1, 1), it is dearer
+  # than l1, which therefore takes the whole budget.
+  report = _report([(1.0, 0.0, 0.0), (0.1, 0.2, 0.3)], [100, 100])
+  assert optax_prune.sparsities_for_budget(report, 0.375) == {"l0": 0.0, "l1": 0.75}
+  # Rounded down to 1e-6, never past the budget.
+  report = _report([(1.0, 2.0, 3.0)], [1000])
+  assert optax_prune.sparsities_for_budget(report, 0.1234567) == {"l0": 0.123456}
+
+
 def test_budget_prunes_insensitive_leaves_more_and_fits_params():
   report = _report([(0.0, 0.01, 0.02), (1.0, 2.0, 4.0)], [300, 100])
   chosen = optax_prune.sparsities_for_budget(report, 0.5, rule="equal_loss")
