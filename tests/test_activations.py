@@ -126,3 +126,17 @@ def test_wanda_errors_name_the_fix():
     optax_prune.prune(params, 0.5, input_norms=norms, score="random")
   with pytest.raises(ValueError, match="does not broadcast"):
     optax_prune.prune(params, 0.5, input_norms={"['w']": optax_prune.InputNorm(np.ones((5, 1)), (1,))})
+
+
+def test_a_weight_cast_before_its_matmul_is_found_and_grouped_convs_are_left_out():
+  # The kernel is cast to bf16 (and promoted back) before the matmul: still
+  # the same weight. A grouped convolution's kernel sees only its group's
+  # channels: it gets no norms.
+  x = jnp.array([[3.0, 0.0, 1.0], [4.0, 0.0, 1.0]])
+  norms = optax_prune.input_norms(lambda p, x: x @ p["w"].astype(jnp.bfloat16),
+                                  {"w": jnp.ones((3, 2))}, [x])
+  np.testing.assert_allclose(norms["['w']"].norm[:, 0], [5.0, 0.0, np.sqrt(2.0)], rtol=1e-6)
+  conv = lambda p, x: jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
+                                                   feature_group_count=2)
+  images = jnp.ones((2, 4, 3, 3))
+  assert optax_prune.input_norms(conv, {"k": jnp.ones((4, 2, 1, 1))}, [images]) == {}

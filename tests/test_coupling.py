@@ -210,6 +210,11 @@ def test_unsafe_axes_are_refused_with_their_reason(body, reason):
   assert reasons["['w'][axis 1]"] == reason
 
 
+def test_a_group_of_a_single_channel_is_refused():
+  reasons = _refusal(lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"], (5, 1), (1, 2))
+  assert reasons["['w'][axis 1]"] == "a single channel"
+
+
 # ------------------------------------------------------ prune, then shrink --
 
 

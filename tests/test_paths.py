@@ -105,3 +105,12 @@ def test_layer_axes_read_nnx_transform_metadata():
   np.testing.assert_array_equal(pstate.pruned_units, [12, 12, 12])
   kernel = np.asarray(model.linear.kernel[...])
   np.testing.assert_array_equal((kernel == 0).sum(axis=(1, 2)), [12, 12, 12])
+
+
+def test_logger_names_are_slash_separated_paths():
+  tree = {"Dense_0": {"kernel": 1}, "layers": [{"w": 2}]}
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  assert [_paths.readable(p) for p in paths] == ["Dense_0/kernel", "layers/0/w"]
+  nnx_path = (jax.tree_util.GetAttrKey("linear"), jax.tree_util.GetAttrKey("kernel"),
+              jax.tree_util.GetAttrKey("value"))
+  assert _paths.readable(nnx_path) == "linear/kernel"

@@ -73,6 +73,12 @@ def test_the_checks_read_the_smallest_nonempty_pruned_leaf():
   assert plan.sentinel == 2  # "c": 16 entries, before "d".
 
 
+def test_a_leaf_that_is_not_floating_cannot_be_chosen():
+  params = {"w": jax.ShapeDtypeStruct((4, 4), jnp.int32)}
+  with pytest.raises(ValueError, match=r"leaf \['w'\] of dtype int32, but only floating"):
+    _plan.make_plan(_config.make_config(0.5, where=lambda path, leaf: True), params)
+
+
 def test_empty_leaves_hold_no_units_and_groups_up_to_int32_are_planned():
   # An empty leaf has no units whatever its granularity (a (0, 5) leaf has 5
   # empty channels): it takes no share of a budget.
