@@ -432,17 +432,34 @@ def _traced_units(granularity: Granularity, shape: tuple[int, ...]):
   return math.prod(units.shape), None
 
 
-@dataclasses.dataclass(frozen=True)
+IMPORTANCES = ("weight", "bn_scale", "taylor", "activation")
+
+
+def _is_bn_scale(path: str, shape: tuple) -> bool:
+  return path.endswith("['scale']") and len(shape) == 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # Compared by identity: it holds arrays.
 class CoupledChannels:
   """Channels of coupled groups, each pruned in all its members at once.
 
-  Not a per-leaf granularity: a unit spans leaves. ``magnitude_pruning``
-  prunes the groups' parameter members (its ``where``) with the rule
-  ``_rules.prune_coupled``.
+  Not a per-leaf granularity: a unit spans leaves. ``magnitude_pruning`` and
+  ``prune`` prune the groups' parameter members (their ``where``) with the
+  rule ``_rules.prune_coupled``, which asks this object for each group's
+  channel importance (:meth:`importance_of`) and kept count
+  (:meth:`pruned_count`).
   """
 
   groups: tuple  # Of `_coupling.ChannelGroup`, all prunable.
   norm: str = "l2"
+  round_to: int = 1
+  importance: str = "weight"
+  # Per group, its channels' activation norms (importance="activation").
+  activation_norms: tuple = ()
+
+  def __repr__(self) -> str:  # Error messages name it without printing every group.
+    return (f"coupled_channels(<{len(self.groups)} groups>, norm={self.norm!r},"
+            f" round_to={self.round_to}, importance={self.importance!r})")
 
   @functools.cached_property
   def paths(self) -> frozenset:
@@ -453,10 +470,48 @@ class CoupledChannels:
     del leaf
     return jax.tree_util.keystr(path) in self.paths
 
+  def importance_of(self, group_index: int, members, scores, params, signals) -> jax.Array:
+    """The ``(C,)`` importance of one group's channels.
+
+    ``members`` holds ``(leaf index, view)`` of the group's parameter
+    members; ``scores``, ``params`` and ``signals`` map a leaf index to the
+    transformation's scores, the param and its gradient (or update).
+    """
+    if self.importance == "activation":
+      return jnp.asarray(self.activation_norms[group_index])
+    if self.importance == "taylor":  # |sum over members and slice of w * g|
+      total = 0.0
+      for i, view in members:
+        product, axis = _coupling.channel_view(
+            params[i].astype(jnp.float32) * signals[i].astype(jnp.float32), *view[1:])
+        total = total + jnp.sum(product, axis=tuple(a for a in range(product.ndim) if a != axis))
+      return jnp.abs(total)
+    if self.importance == "bn_scale":  # |gamma| of the group's BatchNorm scales
+      return sum(jnp.abs(_coupling.channel_view(params[i], *view[1:])[0].reshape(-1))
+                 for i, view in members if _is_bn_scale(view[0], params[i].shape))
+    return sum(self.channel_scores(scores[i], view) for i, view in members)
+
   def channel_scores(self, scores: jax.Array, view: tuple) -> jax.Array:
     """A member's channel norms; ``view`` is its ``(path, axis, outer, inner)``."""
     scores, axis = _coupling.channel_view(scores, *view[1:])
     return Channels(axis, self.norm).unit_scores(scores)
+
+  def pruned_count(self, sparsity: jax.Array, size: int) -> jax.Array:
+    """Channels to prune of a group of ``size``: ``round(s * size)``, or, with
+    ``round_to=m``, the kept count moved to the nearest of ``m, 2m, ...`` (up to
+    ``size``) or ``size`` itself, ties to the kept side; a kept count of 0 stays
+    0 (uint32)."""
+    from optax_prune import _distributions  # pylint: disable=import-outside-toplevel
+    pruned = _distributions.prune_count(sparsity, size)
+    if self.round_to == 1:
+      return pruned
+    m = self.round_to
+    kept = jnp.int32(size) - pruned.astype(jnp.int32)
+    lower = kept // m * m  # A candidate only from m up.
+    upper = jnp.minimum(lower + m, size)  # The next multiple, or the whole group.
+    take_upper = (lower < m) | (upper - kept <= kept - lower)
+    rounded = jnp.where(kept == 0, 0, jnp.where(take_upper, upper, lower))  # s = 1 stays whole.
+    return (size - rounded).astype(jnp.uint32)
 
   def check_params(self, params: Any) -> None:
     """Raises a ``ValueError`` naming a member missing from ``params`` or of
@@ -482,38 +537,98 @@ class CoupledChannels:
           " subset of `channel_groups(...).prunable`.")
 
 
-def coupled_channels(groups: Any, *, norm: str = "l2") -> CoupledChannels:
+def activation_norms(groups, input_norms) -> tuple:
+  """Per group, ``(C,)`` norms of its channels as inputs of its consumers.
+
+  A consumer is a member whose group axis is contracted (an input axis of its
+  ``InputNorm``); the channel's norm is the L2 norm of its slice of the
+  consumer's input norms, summed over the group's consumers.
+  """
+  if not isinstance(input_norms, dict):
+    raise ValueError(
+        "`input_norms` must be the dict `optax_prune.input_norms(fn, params, batches)`"
+        f" returns; got {type(input_norms).__name__}.")
+  out, missing = [], []
+  for group in groups:
+    total = np.zeros(group.size, np.float64)
+    found = False
+    for path, axis, outer, inner in group.views():
+      norm = input_norms.get(path)
+      if norm is None or axis in norm.output_axes:
+        continue
+      view, channel_axis = _coupling.channel_view(np.asarray(norm.norm, np.float64), axis, outer, inner)
+      total += np.sqrt(np.sum(np.square(view), axis=tuple(
+          a for a in range(view.ndim) if a != channel_axis)))
+      found = True
+    if not found:
+      missing.append(group.name)
+    out.append(total.astype(np.float32))
+  if missing:
+    raise ValueError(
+        f"`importance='activation'`: the groups {missing} have no member that takes"
+        " their channels as inputs in `input_norms` (a layer after them). Pass a"
+        " subset of the groups without them, or another `importance`.")
+  return tuple(out)
+
+
+def coupled_channels(groups: Any, *, norm: str = "l2", round_to: int = 1,
+                     importance: str = "weight", input_norms: Any = None) -> CoupledChannels:
   r"""Structured pruning over coupled channel groups (Torch-Pruning's DepGraph).
 
-  For ``magnitude_pruning(schedule, granularity=coupled_channels(groups))``.
+  For ``magnitude_pruning(schedule, granularity=coupled_channels(groups))``
+  and ``prune(params, s, granularity=coupled_channels(groups))``.
   Each group of :math:`C` channels found by :func:`channel_groups` (a
   layer's output units with its bias, the BatchNorm after it, the next
   layer's input rows and everything joined by residual adds; or an
   attention layer's heads) loses exactly :math:`\mathrm{round}(s \cdot C)`
-  channels at scheduled sparsity :math:`s`, those of smallest score
-
-  .. math::
-
-    \mathrm{score}(c) = \sum_{(w, a) \in \text{members}} \lVert w_{[a = c]} \rVert
-
-  (the L2 or L1 norm of each parameter member's slice at channel ``c``
-  along its axis ``a``, of the transformation's ``score``: ``|w|`` by
-  default); ties by position. A pruned channel is masked in every member, so
+  channels at scheduled sparsity :math:`s`, those of smallest importance,
+  ties by position. A pruned channel is masked in every member, so
   :func:`shrink` can cut it out. The members are the pruned leaves
   (``where`` is implied), and every group follows the one ``schedule``.
+
+  Importance of channel :math:`c`, over the group's parameter members
+  :math:`(w, a)` (:math:`w_{[a=c]}` the member's slice at the channel):
+
+  * ``"weight"`` (default): :math:`\sum_{(w,a)} \lVert w_{[a=c]} \rVert`,
+    the L2 or L1 norm of the transformation's ``score`` (``|w|`` by
+    default, ``|w g|`` with ``score="saliency"``);
+  * ``"bn_scale"`` (network slimming, Liu et al. 2017): :math:`\sum
+    |\gamma_c|` over the group's BatchNorm scales (1-D members named
+    ``scale``); a group without one is an error;
+  * ``"taylor"`` (first order, Molchanov et al. 2019):
+    :math:`\big|\sum_{(w,a)} \sum_{w_{[a=c]}} w \cdot g\big|`, with
+    :math:`g` the raw gradient (``grads=`` of ``update`` or ``prune``;
+    without it, the update the link receives);
+  * ``"activation"``: :math:`\sum \lVert x_c \rVert_2` of the channel as
+    the input of each member that contracts it, from calibration batches
+    (``input_norms=``, from :func:`input_norms`); fixed while training.
+
+  With ``round_to=m`` the *kept* count of each group,
+  :math:`C - \mathrm{round}(s C)`, moves to the nearest of :math:`m, 2m,
+  \dots \le C` or :math:`C` itself (ties to more kept channels): a group
+  keeps at least :math:`m` (or none, when :math:`\mathrm{round}(s C) = C`,
+  as at :math:`s = 1`), a group smaller than :math:`m` is not pruned below
+  that, and a width that is not a multiple of :math:`m` is either kept whole
+  or cut to a multiple (12 heads with ``round_to=8`` keep 12 or 8).
 
   Args:
     groups: a :class:`ChannelGroups` (its prunable groups) or a sequence of
       its :class:`ChannelGroup` items (a subset: heads only, say). A group
       that cannot be removed safely is an error.
-    norm: ``"l2"`` or ``"l1"``.
+    norm: ``"l2"`` or ``"l1"`` (``importance="weight"``).
+    round_to: an int >= 1: kept channel counts in multiples of it (8 or 16
+      for tensor cores).
+    importance: ``"weight"``, ``"bn_scale"``, ``"taylor"`` or
+      ``"activation"``.
+    input_norms: for ``importance="activation"``: ``input_norms(fn, params,
+      batches)``.
 
   Returns:
-    A granularity for ``magnitude_pruning(granularity=...)``.
+    A granularity for ``magnitude_pruning(granularity=...)`` and ``prune``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, optax_prune
-    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(2)])
     >>> x = jnp.ones((3, 5))
     >>> params = model.init(jax.random.key(0), x)["params"]
     >>> groups = optax_prune.channel_groups(
@@ -522,7 +637,28 @@ def coupled_channels(groups: Any, *, norm: str = "l2") -> CoupledChannels:
     ...     0.5, granularity=optax_prune.coupled_channels(groups))
     >>> _, state = tx.update(params, tx.init(params), params)
     >>> state.masks["layers_0"]["bias"].sum(), state.masks["layers_2"]["kernel"].sum()
-    (Array(2, dtype=int32), Array(4, dtype=int32))
+    (Array(8, dtype=int32), Array(16, dtype=int32))
+    >>> pruned, masks = optax_prune.prune(  # One-shot; 16 * 0.7 rounds to 11 kept, then to 8.
+    ...     params, 0.3, granularity=optax_prune.coupled_channels(groups, round_to=8))
+    >>> masks["layers_0"]["bias"].sum()
+    Array(8, dtype=int32)
   """
-  return CoupledChannels(_coupling.checked_groups(groups, "groups"),
-                         _checks.one_of("norm", norm, ("l1", "l2")))
+  groups = _coupling.checked_groups(groups, "groups")
+  norm = _checks.one_of("norm", norm, ("l1", "l2"))
+  if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+    raise ValueError(f"`round_to` must be an int >= 1 (1: no rounding); got {round_to!r}.")
+  importance = _checks.one_of("importance", importance, IMPORTANCES)
+  if (input_norms is not None) != (importance == "activation"):
+    raise ValueError(
+        "`input_norms` go with `importance='activation'` (and it needs them): pass"
+        " both, or neither.")
+  norms = activation_norms(groups, input_norms) if importance == "activation" else ()
+  if importance == "bn_scale":
+    without = [g.name for g in groups
+               if not any(view[0].endswith("['scale']") for view in g.views())]
+    if without:
+      raise ValueError(
+          f"`importance='bn_scale'` ranks channels by their BatchNorm scales; the groups"
+          f" {without} have none. Pass a subset of the groups without them, or"
+          " another `importance`.")
+  return CoupledChannels(groups, norm, int(round_to), importance, norms)

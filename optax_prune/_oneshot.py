@@ -24,7 +24,6 @@ from optax_prune import _distributions
 from optax_prune import _granularity
 from optax_prune import _paths
 from optax_prune import _plan
-from optax_prune import _rules
 from optax_prune import _scores
 from optax_prune import _thresholds
 from optax_prune import _transform
@@ -79,7 +78,11 @@ def prune(
       unstructured, layer scope, no ERK). Output axes come from ``input_norms``, else the
       leaf's last axis (flax kernels).
     where, scope, threshold, granularity, distribution, score, seed: as for
-      :func:`magnitude_pruning`.
+      :func:`magnitude_pruning`. With ``granularity=coupled_channels(groups)``
+      whole channels of coupled groups are pruned, ranked by the granularity's
+      ``importance`` (``"taylor"`` reads `grads`; given `input_norms`, by the
+      channels' activation norms), and the result is what :func:`shrink`
+      takes.
     layer_axis: as for :func:`magnitude_pruning`: each layer of a stack is
       pruned as its own leaf.
 
@@ -117,10 +120,19 @@ def prune(
         " no `granularity`, and `scope='layer'`, `distribution='uniform'`.")
   if input_norms is not None and score != "magnitude":
     raise ValueError("`input_norms` make the score |w| * ||x||: leave `score='magnitude'`.")
-  config = _config.make_config(
+  if isinstance(granularity, _granularity.CoupledChannels):
+    if compare != "leaf":
+      raise ValueError(
+          "`compare='output'` ranks entries within outputs; `coupled_channels` ranks"
+          " whole channels: leave `compare='leaf'`.")
+    granularity = _coupled_for_prune(granularity, grads, input_norms)
+    input_norms = None  # Now the channels' importance.
+  config, rule, coupled = _transform.pruning_setup(
       sparsity, where=where, scope=scope, threshold=threshold,
       granularity=granularity, distribution=distribution, score=score, seed=seed,
       layer_axis=layer_axis)
+  if coupled is not None:
+    coupled.check_params(params)
   plan = _plan.make_plan(config, params)
   leaves = plan.treedef.flatten_up_to(params)
   norms = _norms_for(plan, input_norms)
@@ -139,12 +151,12 @@ def prune(
     masks = plan.treedef.unflatten(
         [m if p else optax.MaskedNode() for m, p in zip(masks, plan.pruned)])
   else:
-    tx = _transform.masking(config, _rules.prune_smallest)
+    tx = _transform.masking(config, rule, warn_whole=coupled is None)
     ranked_tree = plan.treedef.unflatten(ranked)
     state = tx.init(ranked_tree)
     if grads is None:
       grads = jax.tree.map(jnp.zeros_like, ranked_tree)
-    _, state = _compiled_update(config, tx)(grads, state, ranked_tree)
+    _, state = _compiled_update(config, tx, coupled)(grads, state, ranked_tree)
     masks = state.masks
   mask_leaves = plan.treedef.flatten_up_to(masks)
   pruned = [jnp.where(m, x, jnp.zeros((), x.dtype)) if p else x
@@ -158,14 +170,15 @@ _COMPILED: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 _COMPILED_MAX = 16
 
 
-def _compiled_update(config: _config.PruningConfig, tx) -> Any:
-  """``jax.jit(tx.update)``, shared by the calls whose configs are equal."""
+def _compiled_update(config: _config.PruningConfig, tx, coupled: Any = None) -> Any:
+  """``jax.jit(tx.update)``, shared by the calls whose configs (and coupled
+  channel groups, by identity) are equal."""
   fields = []
   for field in dataclasses.fields(config):
     leaves, treedef = jax.tree_util.tree_flatten(
         getattr(config, field.name), is_leaf=lambda x: x is None)
     fields.append((treedef, tuple(leaves)))
-  key = tuple(fields)
+  key = (tuple(fields), coupled)
   try:
     hash(key)
   except TypeError:  # An unhashable option (a list of rules, say): no sharing.
@@ -176,6 +189,23 @@ def _compiled_update(config: _config.PruningConfig, tx) -> Any:
       _COMPILED.popitem(last=False)
   _COMPILED.move_to_end(key)
   return _COMPILED[key]
+
+
+def _coupled_for_prune(coupled: Any, grads: Any, input_norms: Optional[dict]) -> Any:
+  """``coupled`` with the importance that ``prune``'s arguments give it."""
+  if coupled.importance == "taylor" and grads is None:
+    raise ValueError(
+        "`coupled_channels(importance='taylor')` ranks channels by |sum of w * g|:"
+        " pass the gradient, `prune(..., grads=grads)`.")
+  if input_norms is None:
+    return coupled
+  if coupled.importance not in ("weight", "activation"):
+    raise ValueError(
+        f"`input_norms` rank coupled channels by their activation norms, not by"
+        f" importance={coupled.importance!r}: pass one or the other.")
+  return dataclasses.replace(
+      coupled, importance="activation",
+      activation_norms=_granularity.activation_norms(coupled.groups, input_norms))
 
 
 def _norms_for(plan: _plan.Plan, input_norms: Optional[dict]) -> list:

@@ -302,41 +302,43 @@ def grow_scores_of_alike_leaves(fn: Callable, args: Sequence[tuple], key: jax.Ar
   return out
 
 
-def prune_coupled(groups: Sequence[Any], channel_scores: Callable) -> MaskRule:
+def prune_coupled(coupled: Any) -> MaskRule:
   r"""Structured pruning over coupled channel groups (see ``_coupling``).
 
-  Per group of :math:`C` channels, a channel's score is the sum over the
-  group's parameter members of ``channel_scores(member scores, view)`` (the
-  L1 or L2 norm of the member's slice at the channel; ``view`` is the
-  member's ``(path, axis, outer, inner)``, see ``ChannelGroup.views``), and exactly
-  :math:`\max(\mathrm{round}(s C), \text{pruned before})` channels of
-  smallest score are pruned, ties by position; channels pruned before rank
+  ``coupled`` is a ``_granularity.CoupledChannels``. Per group of :math:`C`
+  channels, each channel's importance is ``coupled.importance_of(...)``
+  (by default the sum over the group's parameter members of the L1 or L2
+  norm of the member's slice at the channel), and exactly
+  :math:`\max(\text{coupled.pruned\_count}(s, C), \text{pruned before})`
+  channels of least importance are pruned (``round(s C)`` unless
+  ``round_to`` moves it), ties by position; channels pruned before rank
   below every kept one, so masks only grow. A member's mask is the product
   of the keep vectors of the groups it belongs to, along their axes (a
   kernel between two groups loses rows and columns). Reported per leaf:
   pruned entries (units are entries) and their share as the target.
   """
+  groups = coupled.groups
 
   def rule(plan, sparsity, inputs):
     leaves = {_paths_key(leaf.path): leaf for leaf in plan.leaves}
     sparsity = _distributions.clip_sparsity(sparsity)
-    scores = {}
+    scores, signals = {}, {}
     for leaf in plan.leaves:
       i = leaf.index
-      signal = inputs.updates[i] if inputs.grads is None else inputs.grads[i]
-      scores[i] = plan.score(inputs.params[i], signal, inputs.masks[i],
+      signals[i] = inputs.updates[i] if inputs.grads is None else inputs.grads[i]
+      scores[i] = plan.score(inputs.params[i], signals[i], inputs.masks[i],
                              _scores.leaf_key(inputs.key, i))
     keeps = {leaf.index: [] for leaf in plan.leaves}
     ranked, counts = [], []
-    for group in groups:
+    for number, group in enumerate(groups):
       members = [(leaves[view[0]].index, view) for view in group.views()]
-      unit = sum(channel_scores(scores[i], view) for i, view in members)
+      unit = coupled.importance_of(number, members, scores, inputs.params, signals)
       kept_before = functools.reduce(jnp.logical_or, [
           jnp.any(mask, axis=_other_axes(mask, axis)) for mask, axis in (
               _coupling.channel_view(inputs.masks[i], *view[1:])
               for i, view in members)])
       counts.append(jnp.maximum(
-          _distributions.prune_count(sparsity, group.size),
+          coupled.pruned_count(sparsity, group.size),
           (group.size - jnp.sum(kept_before, dtype=jnp.int32)).astype(jnp.uint32)))
       ranked.append([ranked_within(kept_before, unit)])
     # One call: groups of one width share one kernel instance.

@@ -223,23 +223,10 @@ def magnitude_pruning(
     static pruning hooks; Evci et al., `Rigging the Lottery
     <https://arxiv.org/abs/1911.11134>`_, 2020 (ERK).
   """
-  rule, coupled = _rules.prune_smallest, None
-  if isinstance(granularity, _granularity.CoupledChannels):
-    # Units span leaves: the groups choose the leaves and a rule of their own.
-    coupled, granularity = granularity, None
-    coupled.checked_setup(schedule, where, scope, distribution)
-    where, distribution = coupled.selects, "uniform"
-    rule = _rules.prune_coupled(coupled.groups, coupled.channel_scores)
-  config = _config.make_config(
+  config, rule, coupled = pruning_setup(
       schedule, where=where, scope=scope, threshold=threshold,
       granularity=granularity, distribution=distribution, score=score, seed=seed,
       packed_masks=packed_masks, layer_axis=layer_axis)
-  if coupled is not None and layer_axis is not None:
-    raise ValueError(
-        "`layer_axis` cannot be combined with `coupled_channels` yet: the channel"
-        " groups of a scanned layer stack are not traced per layer. Prune the"
-        " stack with a per-leaf granularity (`channels(axis=...)`, which"
-        " `layer_axis` applies to each layer), or unscan the model.")
   tx = masking(config, rule, warn_whole=coupled is None)
   if coupled is None:
     return tx
@@ -249,6 +236,32 @@ def magnitude_pruning(
     return tx.init(params)
 
   return tx._replace(init=init_fn)
+
+
+def pruning_setup(schedule: Any, *, granularity: Any, where: Any, scope: str,
+                  distribution: Any, layer_axis: Any, **options) -> tuple:
+  """``(config, rule, coupled)`` of the gradual pruning mask update.
+
+  Shared by :func:`magnitude_pruning` and ``prune``. Coupled channels span
+  leaves: the groups choose the leaves and bring a rule of their own
+  (``coupled`` is then the ``CoupledChannels``, else None).
+  """
+  rule, coupled = _rules.prune_smallest, None
+  if isinstance(granularity, _granularity.CoupledChannels):
+    coupled, granularity = granularity, None
+    coupled.checked_setup(schedule, where, scope, distribution)
+    where, distribution = coupled.selects, "uniform"
+    rule = _rules.prune_coupled(coupled)
+  config = _config.make_config(
+      schedule, where=where, scope=scope, granularity=granularity,
+      distribution=distribution, layer_axis=layer_axis, **options)
+  if coupled is not None and layer_axis is not None:
+    raise ValueError(
+        "`layer_axis` cannot be combined with `coupled_channels` yet: the channel"
+        " groups of a scanned layer stack are not traced per layer. Prune the"
+        " stack with a per-leaf granularity (`channels(axis=...)`, which"
+        " `layer_axis` applies to each layer), or unscan the model.")
+  return config, rule, coupled
 
 
 def masking(

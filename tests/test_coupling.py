@@ -483,3 +483,187 @@ def test_coupled_pruning_keeps_the_contract(dtype, packed, optimizer, static):
           np.testing.assert_array_equal(m, previous[key])
       np.testing.assert_array_equal(np.asarray(after[key[0]][key[1]], np.float32)[~m], 0)
     previous = masks
+
+
+# ------------------------------------ one-shot, round_to, other importances --
+
+
+class BnMLP(nn.Module):
+  """Dense-BN-ReLU of 12 channels, Dense-ReLU of 3, a Dense read-out."""
+
+  widths: tuple = (12, 3)
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(self.widths[0])(x)))
+    x = nn.relu(nn.Dense(self.widths[1])(x))
+    return nn.Dense(2)(x)
+
+
+@functools.cache
+def _bn_mlp():
+  model, x = BnMLP(), jax.random.normal(jax.random.key(1), (16, 5))
+  variables = _perturbed(jax.jit(model.init)(jax.random.key(0), x), seed=5)
+  state = {"batch_stats": jax.tree.map(jnp.abs, variables["batch_stats"])}
+  fn = lambda p, s, x: model.apply({"params": p, **s}, x)
+  groups = optax_prune.channel_groups(fn, variables["params"], x, state=state)
+  wide, narrow = sorted(groups.prunable, key=lambda g: -g.size)
+  return fn, variables["params"], state, x, wide, narrow
+
+
+def _kept_reference(size, sparsity, m):
+  """The kept count: C - round(s C), moved to the nearest of {m, 2m, ... <= C} or C,
+  ties to the larger; 0 stays 0."""
+  kept = size - reference.prune_count(sparsity, size)
+  if kept == 0:  # Pruned whole (s = 1): no rounding up.
+    return 0
+  candidates = [c for c in range(m, size + 1, m)] + [size]
+  return min(candidates, key=lambda c: (abs(c - kept), -c))
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(size=st.integers(1, 80), m=st.integers(1, 20), sparsity=st.floats(0.0, 1.0))
+def test_round_to_keeps_the_nearest_multiple_never_below_it(size, m, sparsity):
+  from optax_prune import _granularity  # pylint: disable=import-outside-toplevel
+  coupled = _granularity.CoupledChannels((), round_to=m)
+  pruned = int(coupled.pruned_count(jnp.float32(sparsity), size))
+  assert size - pruned == _kept_reference(size, sparsity, m)
+
+
+@pytest.mark.parametrize("size, m, table", [
+    (12, 8, {0.1: 12, 0.25: 8, 0.5: 8, 0.9: 8, 1.0: 0}),  # 12 heads: whole, cut to 8, or all.
+    (12, 4, {0.1: 12, 0.25: 8, 0.5: 8, 0.75: 4, 0.95: 4}),  # kept 6: 4 or 8, ties up.
+    (3, 8, {0.0: 3, 0.5: 3, 0.8: 3, 1.0: 0}),  # Smaller than m: kept whole below s = 1.
+    (64, 8, {0.3: 48, 0.35: 40}),  # 45 kept -> 48; 41.6 -> 42 kept -> 40.
+])
+def test_round_to_table(size, m, table):
+  from optax_prune import _granularity  # pylint: disable=import-outside-toplevel
+  coupled = _granularity.CoupledChannels((), round_to=m)
+  got = {s: size - int(coupled.pruned_count(jnp.float32(s), size)) for s in table}
+  assert got == table
+
+
+def _channel_keep(masks, group):
+  """The group's keep vector, the same in every member (checked)."""
+  from optax_prune import _coupling  # pylint: disable=import-outside-toplevel
+  by_path = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
+  keeps = []
+  for path, axis, outer, inner in group.views():
+    mask = by_path[path]
+    view, channel_axis = _coupling.channel_view(np.asarray(mask), axis, outer, inner)
+    keeps.append(view.any(axis=tuple(a for a in range(view.ndim) if a != channel_axis)))
+  for keep in keeps[1:]:
+    np.testing.assert_array_equal(keep, keeps[0])
+  return keeps[0]
+
+
+def _importance_reference(importance, params, state, x, grads, group):
+  """NumPy channel importance of one group of BnMLP, written out per layer."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  g = jax.tree.map(lambda a: np.asarray(a, np.float64), grads)
+  stats = jax.tree.map(lambda a: np.asarray(a, np.float64), state["batch_stats"]["BatchNorm_0"])
+  bn = p["BatchNorm_0"]
+  h = np.asarray(x, np.float64) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  h1 = np.maximum((h - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * bn["scale"] + bn["bias"], 0)
+  h2 = np.maximum(h1 @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"], 0)
+  norm = lambda a, axis: np.sqrt(np.sum(a * a, axis=axis))
+  if group.size == 12:
+    members = [(p["Dense_0"]["kernel"], g["Dense_0"]["kernel"], 0), (p["Dense_0"]["bias"], g["Dense_0"]["bias"], None),
+               (bn["scale"], g["BatchNorm_0"]["scale"], None), (bn["bias"], g["BatchNorm_0"]["bias"], None),
+               (p["Dense_1"]["kernel"].T, g["Dense_1"]["kernel"].T, 0)]
+    activation, scales = norm(h1, 0), np.abs(bn["scale"])
+  else:
+    members = [(p["Dense_1"]["kernel"], g["Dense_1"]["kernel"], 0), (p["Dense_1"]["bias"], g["Dense_1"]["bias"], None),
+               (p["Dense_2"]["kernel"].T, g["Dense_2"]["kernel"].T, 0)]
+    activation, scales = norm(h2, 0), None
+  if importance == "weight":
+    return sum(norm(w, axis) if axis is not None else np.abs(w) for w, _, axis in members)
+  if importance == "taylor":
+    return np.abs(sum(np.sum(w * d, axis=axis) if axis is not None else w * d for w, d, axis in members))
+  return activation if importance == "activation" else scales
+
+
+@pytest.mark.parametrize("importance", ["weight", "taylor", "activation", "bn_scale"])
+def test_one_shot_coupled_pruning_ranks_channels_by_each_importance(importance):
+  fn, params, state, x, wide, narrow = _bn_mlp()
+  groups = [wide] if importance == "bn_scale" else [wide, narrow]
+  loss = lambda p: jnp.sum(fn(p, state, x) ** 2)
+  grads = jax.grad(loss)(params)
+  kwargs = {}
+  if importance == "activation":
+    kwargs["input_norms"] = optax_prune.input_norms(lambda p, x: fn(p, state, x), params, [x])
+  coupled = optax_prune.coupled_channels(
+      groups, **({} if importance == "activation" else {"importance": importance}))
+  for sparsity in (0.25, 0.5):
+    pruned, masks = optax_prune.prune(params, sparsity, granularity=coupled, grads=grads, **kwargs)
+    for group in groups:
+      keep = _channel_keep(masks, group)
+      score = _importance_reference(importance, params, state, x, grads, group)
+      expected = np.ones(group.size, bool)
+      expected[np.argsort(score, kind="stable")[:reference.prune_count(sparsity, group.size)]] = False
+      np.testing.assert_array_equal(keep, expected, err_msg=f"{importance} {sparsity} {group.name}")
+    is_masked = lambda m: isinstance(m, optax.MaskedNode)
+    for leaf, mask, out in zip(jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=is_masked),
+                               jax.tree.leaves(pruned)):
+      np.testing.assert_array_equal(np.asarray(out), leaf if is_masked(mask) else np.where(mask, leaf, 0))
+    if importance == "activation":  # The same, given to the granularity (for training).
+      given = optax_prune.coupled_channels(groups, importance="activation", **kwargs)
+      _, again = optax_prune.prune(params, sparsity, granularity=given)
+      for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_one_shot_with_round_to_shrinks_to_the_masked_model():
+  fn, params, state, x, wide, narrow = _bn_mlp()
+  groups = optax_prune.channel_groups(fn, params, x, state=state)
+  coupled = optax_prune.coupled_channels(groups, round_to=8)
+  pruned, masks = optax_prune.prune(params, 0.3, granularity=coupled)
+  # 12 channels at 0.3: 8 kept (not 8.4); 3 channels, fewer than 8: never pruned.
+  assert _channel_keep(masks, wide).sum() == 8 and _channel_keep(masks, narrow).all()
+  small = optax_prune.shrink(groups, pruned, state)
+  model = BnMLP(widths=(8, 3))
+  out = model.apply({"params": small.params, **small.state}, x)
+  np.testing.assert_allclose(out, fn(pruned, state, x), rtol=1e-5, atol=1e-5)
+  # The transformation ranks the same way at its first mask update.
+  tx = optax_prune.magnitude_pruning(0.3, granularity=coupled)
+  _, opt_state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  for got, want in zip(jax.tree.leaves(opt_state.masks), jax.tree.leaves(masks)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_taylor_importance_reads_the_raw_gradient_in_the_transformation():
+  fn, params, state, x, wide, narrow = _bn_mlp()
+  grads = jax.grad(lambda p: jnp.sum(fn(p, state, x) ** 2))(params)
+  coupled = optax_prune.coupled_channels([wide, narrow], importance="taylor", round_to=2)
+  _, masks = optax_prune.prune(params, 0.5, granularity=coupled, grads=grads)
+  tx = optax.chain(optax.adam(1e-3), optax_prune.magnitude_pruning(0.5, granularity=coupled))
+  _, opt_state = jax.jit(functools.partial(tx.update, grads=grads))(grads, tx.init(params), params)
+  state = optax_prune.find_pruning_state(opt_state)
+  for got, want in zip(jax.tree.leaves(state.masks), jax.tree.leaves(masks)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_one_shot_and_importance_refusals_name_the_fix():
+  fn, params, state, x, wide, narrow = _bn_mlp()
+  groups = [wide, narrow]
+  with pytest.raises(ValueError, match=r"bn_scale.*the groups \[.*Dense_1.*have none.*subset"):
+    optax_prune.coupled_channels(groups, importance="bn_scale")
+  with pytest.raises(ValueError, match="`input_norms` go with `importance='activation'`"):
+    optax_prune.coupled_channels(groups, importance="activation")
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match="`round_to` must be an int >= 1"):
+      optax_prune.coupled_channels(groups, round_to=bad)
+  with pytest.raises(ValueError, match="`importance`"):
+    optax_prune.coupled_channels(groups, importance="hessian")
+  taylor = optax_prune.coupled_channels(groups, importance="taylor")
+  with pytest.raises(ValueError, match=r"grads=grads"):
+    optax_prune.prune(params, 0.5, granularity=taylor)
+  coupled = optax_prune.coupled_channels(groups)
+  for kwargs in ({"compare": "output"}, {"scope": "global"}):
+    with pytest.raises(ValueError) as error:
+      optax_prune.prune(params, 0.5, granularity=coupled, **kwargs)
+    assert len(str(error.value)) < 300 and "ChannelGroup(" not in str(error.value)
+  norms = optax_prune.input_norms(lambda p, x: fn(p, state, x), params, [x])
+  with pytest.raises(ValueError, match="not by importance='taylor'"):
+    optax_prune.prune(params, 0.5, granularity=taylor, grads=params, input_norms=norms)
+  assert "ChannelGroup(" not in repr(coupled)
