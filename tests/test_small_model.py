@@ -130,3 +130,19 @@ def test_the_shrunk_model_exports_and_runs_in_a_fresh_process(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   np.testing.assert_allclose(np.load(tmp_path / "out.npy"), masked, rtol=1e-5,
                              atol=1e-5 * float(jnp.max(jnp.abs(masked))))
+
+
+def test_an_nnx_model_is_shrunk_in_place_by_nnx_update():
+  model = models.NnxMLP((8, 10), nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (4, 6))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  groups = optax_prune.channel_groups(lambda p, s, x: nnx.merge(graphdef, p, s)(x), params, x,
+                                      state=rest)
+  pruned, _ = models._prune(params, groups, 0.5)  # pylint: disable=protected-access
+  nnx.update(model, pruned)
+  masked = model(x)
+  small = optax_prune.shrink(groups, pruned, rest)
+  nnx.update(model, small.params, small.state)  # The module's arrays take the new shapes.
+  assert model.up.kernel.value.shape == (6, 4) and model.norm.mean.value.shape == (4,)
+  np.testing.assert_allclose(model(x), masked, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(masked))))
