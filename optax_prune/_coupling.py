@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -54,6 +55,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from optax_prune import _paths
+from optax_prune import _small_model
 from optax_prune import _tables
 
 PARAMS, STATE, INPUT = "params", "state", "input"
@@ -115,6 +117,8 @@ class ChannelGroup:
   name: str = ""
   flat_members: tuple[tuple[str, int, int, int], ...] = ()
   flat_state_members: tuple[tuple[str, int, int, int], ...] = ()
+  # The traced model, for `shrink`'s callable; not part of the group's value.
+  trace: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def views(self, kind: str = "params") -> tuple[tuple[str, int, int, int], ...]:
     """``(path, axis, outer, inner)`` of every member of ``kind``
@@ -211,7 +215,8 @@ def channel_groups(fn: Callable, params: Any, *inputs: Any, state: Any = None) -
     return fn(*rebuilt, *input_def.unflatten(leaves[n_tree:]))
 
   spec = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
-  jaxpr = jax.make_jaxpr(flat_fn)(*spec).jaxpr
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*spec)
+  jaxpr = closed.jaxpr
   graph, env = _Graph(), {}
   invars = [_value(env, var) for var in jaxpr.invars]
   for var, (kind, _) in zip(invars, named):
@@ -220,14 +225,31 @@ def channel_groups(fn: Callable, params: Any, *inputs: Any, state: Any = None) -
       graph.zero[(var, a)] = kind == PARAMS
       if kind == INPUT:
         graph.block(graph.node(var, a), "an input of the model")
-  graph.run(jaxpr, env)
-  for var in jaxpr.outvars:
-    graph.block_var(_value(env, var), "an output of the model")
-    graph.read.add(id(_value(env, var)))
+  graph.run(jaxpr, env, closed.consts)
+  outvars = [_value(env, var) for var in jaxpr.outvars]
+  for var in outvars:
+    graph.block_var(var, "an output of the model")
+    graph.read.add(id(var))
   for var in invars:
     if id(var) not in graph.read:
       graph.block_var(var, "not read by the model")
-  return graph.groups(invars, named)
+  trace = Trace(fn, graph, invars, outvars, tuple(tree_defs), input_def,
+                jax.tree.structure(out_shape), state is not None, inputs)
+  return graph.groups(invars, named, trace)
+
+
+class Trace(NamedTuple):
+  """The model as ``channel_groups`` traced it: what ``shrink`` rebuilds at new widths."""
+
+  fn: Callable
+  graph: Any  # The `_Graph`: its union-find and its program (the walked equations).
+  invars: list  # The jaxpr's inputs: params, then state, then the model's inputs.
+  outvars: list
+  tree_defs: tuple  # Of params (and state).
+  input_def: Any
+  out_def: Any
+  has_state: bool
+  inputs: tuple  # The example inputs.
 
 
 class _Value:
@@ -263,6 +285,11 @@ class _Graph:
     self.weight: dict = {}  # var -> computed from params and state alone.
     self.merges: list = []  # (merged node, [(node, length) merged into it]).
     self.read: set = set()  # ids of the values some primitive reads.
+    # The walk in order, nested calls inlined: ("const", var, value),
+    # ("alias", var, source) and ("eqn", _Eqn); what `shrink` evaluates.
+    self.program: list = []
+    self.flat: dict = {}  # channel root -> [(flattened root, outer, inner)].
+    self.roots: dict = {}  # group name -> its root.
 
   # -- union-find --
   def node(self, var, axis: int) -> int:
@@ -310,8 +337,10 @@ class _Graph:
     return _literal(var) or self.weight.get(var, False)
 
   # -- the walk --
-  def run(self, jaxpr, env: dict) -> None:
+  def run(self, jaxpr, env: dict, consts=()) -> None:
     """Walks ``jaxpr`` with its variables renamed by ``env`` (var -> _Value)."""
+    for var, value in zip(jaxpr.constvars, consts):
+      self.program.append(("const", _value(env, var), value))
     for var in jaxpr.constvars:
       var = _value(env, var)
       self.weight[var] = True
@@ -325,6 +354,8 @@ class _Graph:
         self.weight[var] = all(self.is_weight(v) for v in eqn.invars)
       name = eqn.primitive.name
       sub = next((eqn.params[k] for k in _SUBJAXPR if k in eqn.params), None)
+      if not (sub is not None and name in _CALLS):
+        self.program.append(("eqn", eqn))  # A walked call records its body instead.
       if name in _ELEMENTWISE:
         self._elementwise(eqn)
       elif name in _IDENTITY:
@@ -575,22 +606,25 @@ class _Graph:
       reason = f"`{eqn.primitive.name}` is not analysed"
       for var in list(eqn.invars) + list(eqn.outvars):
         self.block_var(var, reason)
+      self.program.append(("eqn", eqn))  # Run as it is: none of its axes shrink.
       return
     env = {}
     for outer, var in zip(eqn.invars, inner.invars):
       var = _value(env, var)
+      self.program.append(("alias", var, outer))
       self.weight[var] = self.is_weight(outer)
       if not _literal(outer):
         self._same(outer, var)
-    self.run(inner, env)
+    self.run(inner, env, getattr(sub, "consts", ()))
     for var, outer in zip(inner.outvars, eqn.outvars):
       var = _value(env, var)
+      self.program.append(("alias", outer, var))
       self.weight[outer] = self.is_weight(var)
       if not _literal(var):
         self._same(var, outer)
 
   # -- the result --
-  def groups(self, invars, named) -> ChannelGroups:
+  def groups(self, invars, named, trace=None) -> ChannelGroups:
     found: dict[int, dict] = {}  # root -> members by kind, and their ndim.
     for var, (kind, path) in zip(invars, named):
       if kind == INPUT:
@@ -604,6 +638,7 @@ class _Graph:
     for i, reason in self.reasons.items():
       reasons.setdefault(self.find(i), []).append(reason)
     flat = self._resolve_flattens(found, reasons)
+    self.flat = flat
     flattened_into = {merged: channel for channel, views in flat.items()
                       for merged, _, _ in views}
     groups, names = [], {}
@@ -630,7 +665,8 @@ class _Graph:
       groups.append(ChannelGroup(
           self.size[root], tuple(sorted(found[root][PARAMS])),
           tuple(sorted(found[root][STATE])), own[0] if own else "", name,
-          views[PARAMS], views[STATE]))
+          views[PARAMS], views[STATE], trace))
+      self.roots[name] = root
     return ChannelGroups(tuple(sorted(groups, key=lambda g: (not g.prunable, g.members))))
 
   def _resolve_flattens(self, found, reasons) -> dict[int, list]:
@@ -678,6 +714,10 @@ class Shrunk(NamedTuple):
   params: Any  # The params with pruned channels removed.
   state: Any  # The state likewise (None if none was given).
   sizes: dict[str, int]  # Group name -> channels kept: the new layer sizes.
+  # The smaller model, `apply(params, [state,] *inputs)`: the traced model at the
+  # new widths (None for groups without a trace).
+  apply: Any = None
+  max_abs_diff: float = float("nan")  # Of `apply` against the masked model, on the example inputs.
 
 
 def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
@@ -700,7 +740,17 @@ def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
 
   Returns:
     A :class:`Shrunk`: ``params`` and ``state`` with smaller leaves (same
-    structure), and ``sizes``, each group's kept channel count by name.
+    structure), ``sizes``, each group's kept channel count by name, and
+    ``apply``, the smaller model itself: ``apply(params, [state,] *inputs)``
+    with ``fn``'s signature, the jaxpr ``channel_groups`` traced evaluated at
+    the new widths (shape parameters rewritten), so a model whose widths are
+    literals in its code runs without being rewritten. It runs in the mode
+    ``fn`` traced (inference), is jittable, differentiable where ``fn`` is,
+    and exports with ``jax.export``. ``shrink`` runs it once on the example
+    inputs against the masked model (``max_abs_diff``); when they disagree
+    (beyond rtol 1e-5, atol 1e-5 * max|output|) it warns and ``apply`` raises
+    with the largest difference. Example inputs given as shapes only are not
+    run (``max_abs_diff`` is NaN).
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax_prune
@@ -715,6 +765,8 @@ def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
     >>> small = optax_prune.shrink(groups, params)
     >>> small.params["layers_0"]["kernel"].shape, small.sizes
     ((5, 2), {"['layers_0']['kernel'][axis 1]": 2})
+    >>> small.apply(small.params, x).shape  # The smaller model, as traced.
+    (3, 2)
   """
   chosen = checked_groups(groups, "groups")
   trees = {PARAMS: params, STATE: state}
@@ -754,7 +806,30 @@ def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
       out.append(x)
     return treedef.unflatten(out)
 
-  return Shrunk(cut(PARAMS, params), cut(STATE, state), sizes)
+  small_params, small_state = cut(PARAMS, params), cut(STATE, state)
+  traces = {id(g.trace): g.trace for g in chosen}
+  if len(traces) != 1 or None in traces.values():
+    return Shrunk(small_params, small_state, sizes)
+  (trace,) = traces.values()
+  graph = trace.graph
+  new_sizes = {}
+  for group in chosen:
+    root = graph.roots[group.name]
+    new_sizes[root] = sizes[group.name]
+    for merged, outer, inner in graph.flat.get(root, ()):
+      new_sizes[merged] = outer * sizes[group.name] * inner
+  apply = _small_model.build(trace, new_sizes)
+  try:
+    diff = _small_model.check(trace, apply, params, state, small_params, small_state)
+  except _small_model.Mismatch as e:
+    warnings.warn(f"`shrink` cannot give a callable for this model: {e}", UserWarning,
+                  stacklevel=2)
+    message = str(e)
+
+    def apply(*args):  # pylint: disable=function-redefined
+      raise ValueError(message)
+    diff = float("nan")
+  return Shrunk(small_params, small_state, sizes, apply, diff)
 
 
 def channel_view(x: Any, axis: int, outer: int, inner: int) -> tuple[Any, int]:
