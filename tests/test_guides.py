@@ -75,7 +75,7 @@ CHECKS = {
     "gradual_pruning.md": [("mask_update_steps(", _check_mask_update_steps),
                            ('distribution="uniform"))', _check_erk),
                            ("schedule_free_eval_params", _check_weight_copies)],
-    "shrinking.md": [("optax_prune.shrink(", _check_shrink)],
+    "shrinking.md": [("widths = (small.params", _check_shrink)],
     "scanned_stacks.md": [("layer_axis=layers", _check_scanned)],
     "oneshot_and_sensitivity.md": [("early_params, is_leaf", _check_lottery)],
 }
