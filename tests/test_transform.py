@@ -229,6 +229,18 @@ def test_zero_update_steps_count_all_zero_updates_not_ones_that_cancel():
   assert int(state.zero_update_steps) == 1
 
 
+def test_pruned_nonzero_counts_pruned_entries_left_nonzero_by_a_later_link():
+  # The updates are not applied (as if a link after the pruning moved the
+  # weights back): the one pruned entry is still 1.0 at the next step.
+  params = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+  tx = optax_prune.magnitude_pruning(0.25)
+  update = jax.jit(tx.update)
+  _, state = update(params, tx.init(params), params)
+  assert int(state.pruned_nonzero) == 0  # All kept before the first step.
+  _, state = update(params, state, params)
+  assert int(state.pruned_nonzero) == 1
+
+
 def test_init_warns_when_a_shared_budget_leaves_a_leaf_without_a_unit():
   # ERK over three leaves of 4 units: at 0.75, 3 units are kept, one per
   # leaf; at 0.8 (round(9.6) = 10 pruned) only 2: one leaf goes whole.
