@@ -7,7 +7,7 @@ through `apply`: jitted, it gives the masked model's outputs (rtol 1e-5, atol
 fresh process.
 """
 
-import json
+import functools
 import os
 import pathlib
 import subprocess
@@ -66,6 +66,7 @@ CASES = {
 }
 
 
+@functools.cache
 def _shrunk(name):
   fn, params, state, x = CASES[name]()
   args = (params,) if state is None else (params, state)
@@ -74,7 +75,7 @@ def _shrunk(name):
   chosen = [g for g in groups.prunable if "['value']" not in g.name]  # One qkv_features.
   pruned, _ = models._prune(params, chosen, 0.5)  # pylint: disable=protected-access
   small = optax_prune.shrink(chosen, pruned, state)
-  masked = fn(pruned, x) if state is None else fn(pruned, state, x)
+  masked = jax.jit(fn)(pruned, x) if state is None else jax.jit(fn)(pruned, state, x)
   smalls = (small.params,) if state is None else (small.params, small.state)
   return small, smalls, masked, x, params
 
