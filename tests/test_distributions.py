@@ -214,6 +214,14 @@ def test_erk_counts_stay_nested_when_rounding_would_shrink_a_leaf():
   assert sum(later) == sum(raw) == reference.prune_count(0.75, sum(sizes))
 
 
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_a_nan_sparsity_prunes_nothing_and_others_are_clipped(distribution):
+  counts = lambda s: [int(c) for c in _distributions.resolve(distribution).counts(
+      [10, 40], [(2, 5), (5, 8)], np.float32(s))[0]]
+  assert counts(np.nan) == counts(-0.5) == [0, 0]
+  assert counts(1.5) == [10, 40]
+
+
 def test_nested_counts_also_hold_when_the_total_stays_the_same():
   # A re-update at the same total: the leaf that lost 4 keeps them.
   got = _distributions.nested_counts(jnp.asarray([3, 5]), jnp.asarray([4, 4]))
