@@ -28,6 +28,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,10 +104,16 @@ def _first_failure(output: str) -> str:
   return output.strip().splitlines()[-1][:160] if output.strip() else ""
 
 
+QUICK = False  # --quick: the doctests and the first mapped test file only.
+
+
 def mapped_paths(module: str, copy: pathlib.Path) -> list[str]:
   """The module's mapped test files that exist in ``copy``, its doctests
   first (they are quick)."""
   paths = [p for p in edits_module.TESTS[module] if (copy / p).is_file()]
+  if QUICK:
+    tests = [p for p in paths if p.startswith("tests/")][:1]
+    paths = [p for p in paths if not p.startswith("tests/")] + tests
   return sorted(paths, key=lambda p: not p.startswith("optax_prune/"))
 
 
@@ -168,13 +175,17 @@ def main(argv=None) -> int:
   parser.add_argument("--source", metavar="REV",
                       help="test the files committed at this git revision instead of the"
                            " working tree (what did that suite catch?)")
+  parser.add_argument("--quick", action="store_true",
+                      help="a screen: run each module's doctests and first test file only")
   parser.add_argument("--baseline", action="store_true",
                       help="first run each module's tests without an edit (they must pass)")
   parser.add_argument("--report", help="the JSON report (default: benchmarks/results/"
-                      "edits.json; none with --tests unless given)")
+                      "edits.json; none with --tests or --quick unless given)")
   parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
   args = parser.parse_args(argv)
 
+  global QUICK
+  QUICK = args.quick
   chosen = list(edits_module.EDITS)
   if args.module:
     wanted = {os.path.basename(m) for m in args.module}
@@ -191,6 +202,8 @@ def main(argv=None) -> int:
     print(_tables.format_table(("name", "module", "", "breaks"), rows, left=4))
     return 0
 
+  # A SIGTERM unwinds like Ctrl-C: the running pytest is killed and the copy removed.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   started = time.perf_counter()
   with tempfile.TemporaryDirectory(prefix="optax_prune_edits_") as tmp:
     copy = pathlib.Path(tmp)
@@ -216,7 +229,7 @@ def main(argv=None) -> int:
   counts = {s: sum(r.status == s for r in results)
             for s in ("caught", "missed", "error-applying", "timeout", "equivalent")}
   print(", ".join(f"{n} {s}" for s, n in counts.items()) + f"; {wall:.0f} s")
-  if args.report is None and args.tests:
+  if args.report is None and (args.tests or args.quick):
     return 0 if counts["caught"] == len(results) - counts["equivalent"] else 1
   report = pathlib.Path(args.report or ROOT / "benchmarks" / "results" / "edits.json")
   report.parent.mkdir(parents=True, exist_ok=True)
@@ -224,9 +237,12 @@ def main(argv=None) -> int:
   by_name = {r["name"]: r for r in previous.get("results", [])}
   by_name.update({r.name: dataclasses.asdict(r) for r in results})
   ordered = [by_name[e.name] for e in edits_module.EDITS if e.name in by_name]
+  run = {"command": " ".join(["scripts/check_edits.py",
+                               *(argv if argv is not None else sys.argv[1:])]),
+         "wall_seconds": round(wall, 1), "edits": len(results)}
   report.write_text(json.dumps({
-      "command": " ".join(["scripts/check_edits.py", *(argv if argv is not None else sys.argv[1:])]),
-      "wall_seconds": round(wall, 1),
+      # Runs merged into this report, oldest first (--only/--module add to it).
+      "runs": previous.get("runs", []) + [run],
       "baseline": baseline,
       "counts": {s: sum(r["status"] == s for r in ordered) for s in counts},
       "results": ordered,

@@ -63,8 +63,9 @@ TESTS = {
                     "optax_prune/_summary.py"),
     "_paths.py": ("tests/test_paths.py", "tests/test_pytrees.py", "optax_prune/_paths.py"),
     "_checks.py": ("tests/test_bad_inputs.py", "tests/test_schedules.py"),
-    "_config.py": ("tests/test_bad_inputs.py", "tests/test_schedules.py", "tests/test_plan.py",
-                   "tests/test_bits.py", "optax_prune/_config.py"),
+    "_config.py": ("tests/test_bad_inputs.py", "tests/test_distributions.py",
+                   "tests/test_schedules.py", "tests/test_plan.py", "tests/test_bits.py",
+                   "optax_prune/_config.py"),
     "_tables.py": ("tests/test_tables.py", "tests/test_summary.py", "optax_prune/_tables.py"),
     "__init__.py": ("tests/test_api.py", "tests/test_sparse.py"),
 }

@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_prune
+from optax_prune import _placement
 from tests import reference
 
 AXES = ("auto", "explicit")  # Mesh axis types: GSPMD propagation or sharding in types.
@@ -320,10 +321,33 @@ def check_init(results: Results, axes: str):
       params, shardings = placed(mesh)
       tx = make_tx("layer", "bisect")
       problems = sharding_problems(tx.init(params), shardings, mesh, init=True)
+      # Concrete leaves: replicated ones are known whole ("auto" may sort
+      # them), split ones are not.
+      problems += [
+          f"known_whole({n}) is {not x.sharding.is_fully_replicated} on a"
+          f" {'replicated' if x.sharding.is_fully_replicated else 'split'} leaf"
+          for n, x in params.items()
+          if _placement.known_whole(x) != x.sharding.is_fully_replicated]
       jitted = jax.jit(tx.init)(params)
       jit_problems = sharding_problems(jitted, shardings, mesh, init=True)
       if axes == "explicit":  # Shardings are in the types: jit keeps them.
         problems += [f"jit: {p}" for p in jit_problems]
+        # A state placed otherwise than its params (nnx.Optimizer places it
+        # by the Variables' metadata): the step reads its masks placed like
+        # the params, and masks the updates as the well-placed state does.
+        prune = optax_prune.magnitude_pruning(
+            SCHEDULE, threshold="bisect", distribution="uniform", layer_axis=LAYER_AXIS)
+        state = prune.init(params)
+        elsewhere = state._replace(masks=jax.tree.map(
+            lambda m: jax.sharding.reshard(m, P()), state.masks))
+        try:
+          moved = jax.jit(prune.update)(params, elsewhere, params)
+          placed_state = jax.jit(prune.update)(params, state, params)
+          if not all(jax.tree.leaves(jax.tree.map(
+              lambda a, b: bool(jnp.array_equal(a, b)), moved, placed_state))):
+            problems.append("masks placed otherwise than the params change the step")
+        except Exception as e:  # pylint: disable=broad-except
+          problems.append(f"masks placed otherwise than the params: {type(e).__name__}: {e}"[:300])
       else:  # Under Auto axes, as for any optax state, jit needs out_shardings.
         results.info["jit-init-auto"] = jit_problems
     results.record(name, problems)

@@ -210,6 +210,17 @@ def test_unsafe_axes_are_refused_with_their_reason(body, reason):
   assert reasons["['w'][axis 1]"] == reason
 
 
+def test_a_weight_scaled_by_state_is_zero_where_its_param_is():
+  # w2 * scale is a weight (params and state alone) that is 0 wherever w2 is:
+  # the channels of w1 contracted with it can go.
+  fn = lambda p, s, x: jax.nn.relu(x @ p["w1"]) @ (p["w2"] * s["scale"])
+  params = {"w1": jnp.ones((5, 4)), "w2": jnp.ones((4, 2))}
+  groups = optax_prune.channel_groups(fn, params, jnp.ones((3, 5)),
+                                      state={"scale": jnp.ones((4, 2))})
+  (group,) = [g for g in groups.groups if g.name == "['w1'][axis 1]"]
+  assert group.prunable and group.state_members == (("['scale']", 0),)
+
+
 def test_a_group_of_a_single_channel_is_refused():
   reasons = _refusal(lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"], (5, 1), (1, 2))
   assert reasons["['w'][axis 1]"] == "a single channel"

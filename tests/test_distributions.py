@@ -92,6 +92,17 @@ def test_erk_keeps_small_layers_dense_and_prunes_large_ones_harder():
   assert counts[1] / sizes[1] > counts[2] / sizes[2] > 0.9  # Denser where fewer weights.
 
 
+def test_erk_takes_its_rounding_remainder_from_leaves_that_are_not_dense():
+  # At 0.64 the (3, 3) leaf is dense by the formula; the unit that rounding
+  # leaves over goes to a sparse leaf, not to it (the first in order).
+  shapes = [(3, 3), (8, 8), (20, 30)]
+  sizes = [int(np.prod(s)) for s in shapes]
+  counts = [int(c) for c in _distributions.erk_prune_counts(
+      sizes, [_distributions.erk_ratio(s) for s in shapes], np.float32(0.64))]
+  assert reference.erk_densities(shapes, float(np.float32(0.64)))[0] == 1.0
+  assert counts[0] == 0 and sum(counts) == reference.prune_count(0.64, sum(sizes))
+
+
 def test_uniform_counts_round_each_leaf():
   counts = _distributions.uniform_prune_counts([10, 7, 0], np.float32(0.25))
   assert [int(c) for c in counts] == [round(2.5), round(1.75), 0] == [2, 2, 0]
@@ -212,6 +223,14 @@ def test_erk_counts_stay_nested_when_rounding_would_shrink_a_leaf():
   assert raw[0] < first[0]  # The defect nesting repairs.
   assert all(b >= a for a, b in zip(first, later))
   assert sum(later) == sum(raw) == reference.prune_count(0.75, sum(sizes))
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_a_nan_sparsity_prunes_nothing_and_others_are_clipped(distribution):
+  counts = lambda s: [int(c) for c in _distributions.resolve(distribution).counts(
+      [10, 40], [(2, 5), (5, 8)], np.float32(s))[0]]
+  assert counts(np.nan) == counts(-0.5) == [0, 0]
+  assert counts(1.5) == [10, 40]
 
 
 def test_nested_counts_also_hold_when_the_total_stays_the_same():

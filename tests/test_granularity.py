@@ -111,13 +111,13 @@ def test_mean_and_max_blocks_and_l1_and_l2_channels_differ():
 
 
 def test_a_ragged_block_is_scored_by_its_real_entries():
-  # 3x3 with 2x2 blocks: the corner block holds one entry. Its mean (3) beats
-  # the full blocks' (1); with zero padding counted it would be 3/4 and lose.
+  # 3x3 with 2x2 blocks: the corner block holds one entry. Its mean (1.5)
+  # beats the other blocks' (1); with zero padding counted in either axis it
+  # would be 0.75 or less and lose.
   x = np.ones((3, 3), np.float32)
-  x[2, 2] = 3.0
+  x[2, 2] = 1.5
   keep = _mask(x, 0.75, optax_prune.blocks((2, 2)))  # 3 of 4 blocks pruned.
-  np.testing.assert_array_equal(keep, np.pad(np.zeros((2, 2), bool), ((0, 1), (0, 1)),
-                                              constant_values=False) | (x == 3.0))
+  np.testing.assert_array_equal(keep, x == 1.5)
 
 
 def test_granularity_per_leaf_by_prefix_and_by_path():

@@ -114,3 +114,11 @@ def test_logger_names_are_slash_separated_paths():
   nnx_path = (jax.tree_util.GetAttrKey("linear"), jax.tree_util.GetAttrKey("kernel"),
               jax.tree_util.GetAttrKey("value"))
   assert _paths.readable(nnx_path) == "linear/kernel"
+
+
+def test_a_rule_that_matches_no_leaf_is_refused():
+  params = {"Dense_0": {"kernel": jnp.ones((2, 2))}}
+  tx = optax_prune.magnitude_pruning(optax_prune.by_path({"Dnse_0": 0.5}, default=0.9))
+  with pytest.raises(ValueError, match=r"`schedule`'s `by_path` rule 'Dnse_0' matches no leaf;"
+                     r" the leaves' paths are like \"\['Dense_0'\]\['kernel'\]\""):
+    tx.init(params)

@@ -105,6 +105,7 @@ def test_schedules_do_not_recompile_per_step():
         (lambda: optax_prune.polynomial_schedule(-0.1, begin_step=0, end_step=4, frequency=1), "final_sparsity"),
         (lambda: optax_prune.polynomial_schedule(0.5, begin_step=0, end_step=4, frequency=1, initial_sparsity=2), "initial_sparsity"),
         (lambda: optax_prune.polynomial_schedule(0.5, begin_step=0, end_step=4, frequency=1, power=0), "power"),
+        (lambda: optax_prune.polynomial_schedule(0.5, begin_step=0, end_step=4, frequency=1, power=float("inf")), "`power` must be a finite number"),
         (lambda: optax_prune.polynomial_schedule(0.5, begin_step=-1, end_step=4, frequency=1), "begin_step"),
         (lambda: optax_prune.constant_schedule(1.01), "sparsity"),
         (lambda: optax_prune.constant_schedule(0.5, step=-1), "step"),
