@@ -68,10 +68,13 @@ TESTS = {
                    "optax_prune/_config.py"),
     "_tables.py": ("tests/test_tables.py", "tests/test_summary.py", "optax_prune/_tables.py"),
     "__init__.py": ("tests/test_api.py", "tests/test_sparse.py"),
+    "_compact.py": ("tests/test_compact.py", "optax_prune/_compact.py"),
+    "_small_model.py": ("tests/test_small_model.py", "tests/test_coupling.py",
+                        "optax_prune/_coupling.py"),
 }
 
 # Modules whose edits someone else adds (no entries yet is allowed for these).
-PENDING = ("_compact.py",)
+PENDING = ()
 
 
 def _edits(module: str, *entries: tuple) -> list[Edit]:
@@ -686,6 +689,62 @@ EDITS: list[Edit] = [
          "widths = [max(len(c) for c in column) for column in zip(*rows)]",
          "widths = [max(len(c) for c in column) for column in zip(*rows[:1 + len(body)])]",
          "every column is as wide as its widest cell, footer included"),
+    ),
+    # ---- _compact.py: compact files and their checksums.
+    *_edits(
+        "_compact.py",
+        ("compact-checksums-unchecked",
+         '    _verify(f"the leaf at {name}", x, crc32[name])\n',
+         "    del x\n",
+         "load_compact refuses bytes damaged in place (a CRC32 per stored array and shard)"),
+        ("compact-first-shard-only",
+         "  for number, (index, expected) in enumerate(blocks):",
+         "  for number, (index, expected) in enumerate(blocks[:1]):",
+         "every saved shard of an array is checked, not only the first"),
+        ("compact-old-files-silent",
+         "  if checksums is None:\n    warnings.warn(",
+         "  if checksums is None:\n    (lambda *a, **k: None)(",
+         "a file written without checksums loads with a warning"),
+        ("compact-popcount-unchecked",
+         "  if kept != count or count > values.shape[-1]:",
+         "  if count > values.shape[-1]:",
+         "a compact leaf whose mask popcount is not its kept count is refused as corrupted"),
+    ),
+    # ---- _small_model.py: the shrunk model as a callable.
+    *_edits(
+        "_small_model.py",
+        ("small-reshape-not-rewritten",
+         '      params["new_sizes"], params["dimensions"] = outs[0], None',
+         '      params["dimensions"] = None',
+         "a reshape (a flatten before a Dense layer) takes the shrunk sizes"),
+        ("small-broadcast-not-rewritten",
+         '    elif name in _SHAPED and "shape" in params:\n      params["shape"] = outs[0]',
+         '    elif name in _SHAPED and "shape" in params:\n      pass',
+         "a broadcast (a bias added to activations) takes the shrunk shape"),
+        ("small-depthwise-groups-kept",
+         '      params["feature_group_count"] = size(eqn.invars[0], lhs_spec[1])  # Depthwise.',
+         "      pass",
+         "a depthwise convolution's feature groups follow its shrunk channels"),
+        ("small-mismatch-accepted",
+         "    if np.any(diff > 1e-5 * scale + 1e-5 * np.abs(w)):",
+         "    if False:",
+         "a shrunk model that differs from the masked one is refused with the largest difference"),
+        ("small-shapes-unchecked",
+         "      if tuple(jnp.shape(x)) != shape(var):",
+         "      if False:",
+         "apply given params of other shapes than the shrunk ones says so"),
+    ),
+    # ---- _granularity.py: coupled channels' round_to.
+    *_edits(
+        "_granularity.py",
+        ("granularity-round-to-ties-down",
+         "    take_upper = (lower < m) | (upper - kept <= kept - lower)",
+         "    take_upper = (lower < m) | (upper - kept < kept - lower)",
+         "round_to moves a kept count halfway between two multiples to the larger"),
+        ("granularity-taylor-abs-per-member",
+         "      return jnp.abs(total)",
+         "      return total",
+         "Taylor importance is |sum of w * g| (a negative sum is as important as a positive)"),
     ),
     # ---- __init__.py: the public API.
     *_edits(
