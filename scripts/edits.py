@@ -46,7 +46,7 @@ TESTS = {
                       "tests/test_bits.py", "optax_prune/_transform.py"),
     "_placement.py": ("tests/test_plan.py", "tests/test_sharding.py"),
     "_granularity.py": ("tests/test_granularity.py", "tests/test_contract.py",
-                        "optax_prune/_granularity.py"),
+                        "optax_prune/_granularity.py", "tests/test_coupling.py"),
     "_distributions.py": ("tests/test_distributions.py", "tests/test_contract.py"),
     "_schedules.py": ("tests/test_schedules.py", "tests/test_contract.py",
                       "optax_prune/_schedules.py"),

@@ -678,3 +678,15 @@ def test_one_shot_and_importance_refusals_name_the_fix():
   with pytest.raises(ValueError, match="not by importance='taylor'"):
     optax_prune.prune(params, 0.5, granularity=taylor, grads=params, input_norms=norms)
   assert "ChannelGroup(" not in repr(coupled)
+
+
+def test_taylor_importance_is_the_magnitude_of_the_summed_products():
+  """|sum over a channel's slice of w * g|: a negative sum counts by its size."""
+  from optax_prune import _coupling, _granularity  # pylint: disable=import-outside-toplevel
+  group = _coupling.ChannelGroup(3, (("['w']", 1),), name="['w'][axis 1]")
+  coupled = _granularity.CoupledChannels((group,), importance="taylor")
+  w = np.array([[1.0, 1.0, 2.0], [2.0, -1.0, 1.0]], np.float32)
+  g = np.array([[-1.0, 1.0, 1.0], [-2.0, 0.0, 0.0]], np.float32)  # Column sums: -5, 1, 2.
+  got = coupled.importance_of(0, [(0, ("['w']", 1, 1, 1))], {}, {0: jnp.asarray(w)},
+                              {0: jnp.asarray(g)})
+  np.testing.assert_array_equal(np.asarray(got), np.abs(np.sum(w * g, axis=0)))
