@@ -642,6 +642,11 @@ def coupled_channels(groups: Any, *, norm: str = "l2", round_to: int = 1,
     ...     params, 0.3, granularity=optax_prune.coupled_channels(groups, round_to=8))
     >>> masks["layers_0"]["bias"].sum()
     Array(8, dtype=int32)
+    >>> grads = jax.grad(lambda p: model.apply({"params": p}, x).sum())(params)
+    >>> taylor = optax_prune.coupled_channels(groups, importance="taylor")
+    >>> _, masks = optax_prune.prune(params, 0.25, granularity=taylor, grads=grads)
+    >>> masks["layers_0"]["bias"].sum()  # The 4 channels of least |sum of w * g| pruned.
+    Array(12, dtype=int32)
   """
   groups = _coupling.checked_groups(groups, "groups")
   norm = _checks.one_of("norm", norm, ("l1", "l2"))
