@@ -36,6 +36,7 @@ import numpy as np
 
 from optax_prune import _checks
 from optax_prune import _coupling
+from optax_prune import _distributions
 from optax_prune import _thresholds
 
 
@@ -435,8 +436,9 @@ def _traced_units(granularity: Granularity, shape: tuple[int, ...]):
 IMPORTANCES = ("weight", "bn_scale", "taylor", "activation")
 
 
-def _is_bn_scale(path: str, shape: tuple) -> bool:
-  return path.endswith("['scale']") and len(shape) == 1
+def _is_bn_scale(path: str) -> bool:
+  """A BatchNorm scale (LayerNorm's and RMSNorm's scales are never in a prunable group)."""
+  return path.endswith("['scale']")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # Compared by identity: it holds arrays.
@@ -488,7 +490,7 @@ class CoupledChannels:
       return jnp.abs(total)
     if self.importance == "bn_scale":  # |gamma| of the group's BatchNorm scales
       return sum(jnp.abs(_coupling.channel_view(params[i], *view[1:])[0].reshape(-1))
-                 for i, view in members if _is_bn_scale(view[0], params[i].shape))
+                 for i, view in members if _is_bn_scale(view[0]))
     return sum(self.channel_scores(scores[i], view) for i, view in members)
 
   def channel_scores(self, scores: jax.Array, view: tuple) -> jax.Array:
@@ -501,7 +503,6 @@ class CoupledChannels:
     ``round_to=m``, the kept count moved to the nearest of ``m, 2m, ...`` (up to
     ``size``) or ``size`` itself, ties to the kept side; a kept count of 0 stays
     0 (uint32)."""
-    from optax_prune import _distributions  # pylint: disable=import-outside-toplevel
     pruned = _distributions.prune_count(sparsity, size)
     if self.round_to == 1:
       return pruned
@@ -660,7 +661,7 @@ def coupled_channels(groups: Any, *, norm: str = "l2", round_to: int = 1,
   norms = activation_norms(groups, input_norms) if importance == "activation" else ()
   if importance == "bn_scale":
     without = [g.name for g in groups
-               if not any(view[0].endswith("['scale']") for view in g.views())]
+               if not any(_is_bn_scale(view[0]) for view in g.views())]
     if without:
       raise ValueError(
           f"`importance='bn_scale'` ranks channels by their BatchNorm scales; the groups"

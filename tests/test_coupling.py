@@ -457,18 +457,21 @@ def _contract_fn(p, x):
   return x @ p["out"]["kernel"] + p["out"]["bias"]
 
 
-@pytest.mark.parametrize("dtype,packed,optimizer,static", [
-    ("bfloat16", True, optax.adamw(0.05, weight_decay=0.1), True),
-    ("float32", False, optax.sgd(0.05, momentum=0.9), False)])
-def test_coupled_pruning_keeps_the_contract(dtype, packed, optimizer, static):
-  """Exact channel counts per group at every update, pruned members exactly 0
-  after every step (no revival by momentum, Adam or weight decay), masks nested
-  and unchanged between updates, one compile per kind of step."""
+@pytest.mark.parametrize("dtype,packed,optimizer,static,options", [
+    ("bfloat16", True, optax.adamw(0.05, weight_decay=0.1), True, {}),
+    ("float32", False, optax.sgd(0.05, momentum=0.9), False, {}),
+    ("float32", False, optax.adam(0.05), False, {"importance": "taylor", "round_to": 4})])
+def test_coupled_pruning_keeps_the_contract(dtype, packed, optimizer, static, options):
+  """Exact channel counts per group at every update (rounded with `round_to`),
+  pruned members exactly 0 after every step (no revival by momentum, Adam or
+  weight decay), masks nested and unchanged between updates, one compile per
+  kind of step; with every importance."""
   params = _contract_params(dtype)
   groups = optax_prune.channel_groups(_contract_fn, params, jnp.ones((2, 5, 5, 4), dtype))
   assert [(g.size, len(g.members)) for g in groups.prunable] == [(8, 3), (16, 3)]
   tx = optax.chain(optimizer, optax_prune.magnitude_pruning(
-      _SCHEDULE, granularity=optax_prune.coupled_channels(groups), packed_masks=packed))
+      _SCHEDULE, granularity=optax_prune.coupled_channels(groups, **options),
+      packed_masks=packed))
   due = set(optax_prune.mask_update_steps(_SCHEDULE, 10).tolist()) if static else None
   previous = None
   for t, _, state, after in helpers.train(tx, params, 10, due_steps=due):
@@ -486,7 +489,8 @@ def test_coupled_pruning_keeps_the_contract(dtype, packed, optimizer, static):
     target = _SCHEDULE(t)
     if bool(target.update):
       for size, keep in kept.items():
-        assert int((~keep).sum()) == reference.prune_count(float(target.sparsity), size)
+        kept_count = _kept_reference(size, float(target.sparsity), options.get("round_to", 1))
+        assert int((~keep).sum()) == size - kept_count
     for key, m in masks.items():
       if previous is not None:
         assert not (m & ~previous[key]).any(), f"step {t}: {key} revived"
