@@ -15,6 +15,7 @@ buffer, ever holds the whole leaf.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 import os
@@ -825,6 +826,61 @@ def _sds(meta, sharding):
   return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sharding)
 
 
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """An event loop that finishes its tasks before it closes.
+
+  Orbax runs a restore with `loop.run_until_complete` and closes the loop
+  when it raises. One failed read (a truncated file) then strands the other
+  reads: their TensorStore callbacks later print "Event loop is closed" from
+  TensorStore's threads, and their collected tasks print TensorStore's spec
+  dumps, long after the error (issue #26). This loop cancels what is left and
+  waits for it, and drops the errors of reads that failed beside the one
+  orbax raised, so a failed restore is one exception and nothing printed.
+  """
+
+  def close(self):
+    if not self.is_running() and not self.is_closed():
+      pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+      for task in pending:
+        task.cancel()
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+  def call_soon_threadsafe(self, callback, *args, context=None):
+    if self.is_closed():
+      return None  # A cancelled read's TensorStore callback: nobody awaits it.
+    return super().call_soon_threadsafe(callback, *args, context=context)
+
+  def call_exception_handler(self, context):
+    # A task that failed beside the read orbax raised: its error is that one.
+    if self.is_closed() and "never retrieved" in context.get("message", ""):
+      return
+    super().call_exception_handler(context)
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self):
+    return _DrainingLoop()
+
+
+def _restore(checkpointer: Any, path: Any, target: Any) -> Any:
+  """Orbax's restore; a damaged file is one `ValueError`, nothing printed later."""
+  previous_policy = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    return checkpointer.restore(path, target)
+  except Exception as e:  # pylint: disable=broad-except
+    # Orbax and TensorStore raise bare Exceptions with pages of spec dumps.
+    reason = str(e).split(" See full")[0].splitlines()[0][:160]
+  finally:
+    asyncio.set_event_loop_policy(previous_policy)
+  raise ValueError(
+      f"could not read the arrays of {path}: a data file is damaged or truncated"
+      f" ({reason}). Save it again with `save_compact`.")
+
+
 def load_compact(directory: Any, like: Any) -> tuple[Any, Any]:
   """Loads what :func:`save_compact` wrote: ``(params, masks)``, checked.
 
@@ -906,14 +962,7 @@ def load_compact(directory: Any, like: Any) -> tuple[Any, Any]:
       raise ValueError(
           f"the file holds leaves that `like` does not: {', '.join(extra[:3])} (it was"
           f" saved from a larger structure). {_LOAD_FIX}")
-    try:
-      restored = checkpointer.restore(path, jax.tree_util.tree_unflatten(treedef, targets))
-    except Exception as e:  # pylint: disable=broad-except
-      # Orbax and TensorStore raise bare Exceptions with pages of spec dumps.
-      raise ValueError(
-          f"could not read the arrays of {path}: a data file is damaged or"
-          f" truncated ({str(e).split(' See full')[0].splitlines()[0][:160]}). Save it again with"
-          " `save_compact`.") from None
+    restored = _restore(checkpointer, path, jax.tree_util.tree_unflatten(treedef, targets))
   finally:
     checkpointer.close()
   _check_checksums(path, restored, checksums)
