@@ -56,10 +56,19 @@ def build(trace: Any, new_sizes: dict[int, int]) -> Callable:
       params["slice_sizes"] = tuple(
           size(x, a) if n == x.aval.shape[a] else n for a, n in enumerate(params["slice_sizes"]))
     elif name == "slice":
-      x = eqn.invars[0]
-      params["limit_indices"] = tuple(
-          size(x, a) if (start, stop) == (0, x.aval.shape[a]) else stop
-          for a, (start, stop) in enumerate(zip(params["start_indices"], params["limit_indices"])))
+      (x,), (y,) = eqn.invars, eqn.outvars
+      starts, limits = [], []
+      for a, (start, stop) in enumerate(zip(params["start_indices"], params["limit_indices"])):
+        if (start, stop) == (0, x.aval.shape[a]):  # The whole axis.
+          start, stop = 0, size(x, a)
+        elif size(y, a) != y.aval.shape[a]:  # A piece (a third of a fused q/k/v): its new place.
+          start = start // y.aval.shape[a] * size(y, a)
+          stop = start + size(y, a)
+        starts.append(start)
+        limits.append(stop)
+      params["start_indices"], params["limit_indices"] = tuple(starts), tuple(limits)
+    elif name == "split":
+      params["sizes"] = tuple(o[params["axis"]] for o in outs)
     elif name == "conv_general_dilated" and params["feature_group_count"] > 1:
       lhs_spec = params["dimension_numbers"][0]
       params["feature_group_count"] = size(eqn.invars[0], lhs_spec[1])  # Depthwise.
