@@ -19,10 +19,18 @@ refused (``reason`` says why, its axes are left alone) when one of its axes
 * is reduced over (a mean or a norm: LayerNorm's statistics change with the
   number of channels), concatenated, sliced, indexed, padded, reversed,
   sorted or scanned;
-* is split by a reshape (heads cut out of a fused projection), or merged
-  with other axes of which more than one holds channels (a flatten of
-  positions and channels before a Dense layer is followed: that layer's
-  rows of a channel go with it, see ``ChannelGroup.flat_members``);
+* is merged with other axes or split into several by a reshape, unless
+  one part can hold the units: a flatten of positions and channels before a
+  Dense layer is followed (that layer's rows of a channel go with it, see
+  ``ChannelGroup.flat_members``), and so are attention heads behind a
+  reshape, ``heads * head_dim -> (heads, head_dim)`` and back (the part
+  with parameters, else the first one that is not refused: ``heads``; the
+  axis then shrinks by whole blocks of ``head_dim`` entries). Refused: a
+  reshape where more than one part holds parameters or none is free, and
+  heads merged back in another order than they were split;
+* is cut into pieces (``split``, slices), unless into equal contiguous
+  pieces, all read, that each hold the same units (a fused q/k/v kernel:
+  the same head in each third);
 * is contracted between two activations (attention logits, scaled by
   ``1 / sqrt(depth)``: a shrunk model would scale them by its new depth), or
   with a factor that is not zero at pruned channels;
@@ -108,14 +116,21 @@ class ChannelGroup:
       ``.value`` dropped).
     state_members: the same for the state (BatchNorm's running statistics).
     flat_members, flat_state_members: ``(path, axis, outer, inner)`` of
-      members whose axis is a flatten of channels with other axes (a Dense
-      kernel after ``x.reshape(batch, -1)`` of an ``(h, w, c)`` map): seen as
-      ``(outer, size, inner)``, its middle part holds the channel
-      (``outer = h * w``, ``inner = 1`` there).
+      members whose axis holds each channel as a block of entries: seen as
+      ``(outer, size, inner)``, its middle part holds the channel. A Dense
+      kernel after ``x.reshape(batch, -1)`` of an ``(h, w, c)`` map has
+      ``outer = h * w``, ``inner = 1``; a query kernel ``(d, heads *
+      head_dim)`` split into heads by a reshape has ``outer = 1``, ``inner =
+      head_dim`` (a unit, a head, is ``head_dim`` contiguous columns), a
+      fused q/k/v kernel ``outer = 3`` (the head's block in each third).
+      Importance sums over a unit's entries; ``shrink`` cuts whole units.
     reason: why the group cannot be removed safely; ``""`` if it can.
     name: ``"path[axis a]"`` of the member that makes the channels: the
       first leaf (kernels first) whose last axis of two or more is in the
-      group (a layer's outputs), else the first kernel, else the first member.
+      group (a layer's outputs), else the first kernel, else the first member;
+      for a group whose members all hold blocks (heads), the same member
+      among them, as ``"path[axis a, blocks of 4]"`` (``"3 blocks of 4"`` for
+      a fused kernel).
   """
 
   size: int
@@ -172,11 +187,16 @@ def channel_groups(fn: Callable, params: Any, *inputs: Any, state: Any = None) -
   (attention logits), or meets an unknown primitive (see the module
   docstring). Covered: Dense, Conv (grouped only depthwise), pooling,
   Embed, BatchNorm (inference), residual adds, a flatten of positions and
-  channels before a Dense layer, and flax's multi-head attention, whose
-  heads are one group (query, key, value and output projections) and whose
-  value/output head depth is another. Not covered (refused): LayerNorm and
-  GroupNorm axes, concatenations, loops (``scan``), heads split from a
-  fused projection by a reshape.
+  channels before a Dense layer, flax's multi-head attention, whose heads
+  are one group (query, key, value and output projections) and whose
+  value/output head depth is another, and heads behind a reshape (BERT,
+  GPT-2, ViT as HF's Flax code writes them: one hidden-size projection, or
+  a fused q/k/v one cut by ``jnp.split`` or equal slices, reshaped to
+  ``(..., heads, head_dim)`` and merged back): a group of ``heads`` units,
+  each a block of ``head_dim`` entries of every member (see
+  ``ChannelGroup.flat_members``), named ``"path[axis a, blocks of 4]"``.
+  Not covered (refused): LayerNorm and GroupNorm axes, concatenations,
+  loops (``scan``), a head's depth behind a reshape.
 
   Args:
     fn: the model in inference mode, returning its outputs only:

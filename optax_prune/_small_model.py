@@ -4,9 +4,11 @@
 keeps the walk (nested calls inlined). :func:`build` evaluates that walk with
 each primitive bound again, its shape-carrying parameters rewritten from the
 analysis: an axis of a shrunk group takes the group's kept count, a
-flattened axis ``outer * kept * inner``; broadcast, reshape and iota shapes,
-``slice`` limits, ``dynamic_slice`` / ``gather`` slice sizes, the feature
-groups of a depthwise convolution and random-number shapes follow. Params,
+flattened axis (or one split into heads) ``outer * kept * inner``;
+broadcast, reshape and iota shapes, ``slice`` limits (and the place of an
+equal piece: a third of a fused q/k/v projection), ``split`` sizes,
+``dynamic_slice`` / ``gather`` slice sizes, the feature groups of a
+depthwise convolution and random-number shapes follow. Params,
 state and inputs are arguments: the callable is jittable, differentiable
 where the model is, and exports with ``jax.export``.
 """
