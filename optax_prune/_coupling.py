@@ -801,7 +801,7 @@ class _Graph:
       if (len(targets) == 1 and {n for n, *_ in cut} == {pieces}
           and {index for _, index, _, _ in cut} == set(range(pieces))
           and root not in view_of and root not in units and root not in kept_whole
-          and unit != root and unit not in cuts):
+          and unit != root and unit not in cuts and unit not in kept_whole):
         view_of[root] = (unit, pieces * outer, inner, ("pieces", False))
       else:
         for r in {root} | {p for _, _, p, _ in cut}:

@@ -291,6 +291,30 @@ def test_a_flatten_before_a_dense_layer_shrinks_with_the_channels():
   np.testing.assert_allclose(out, fn(pruned, x), rtol=1e-5, atol=1e-6)
 
 
+class Decoder(nn.Module):
+  """A Dense layer reshaped into a (4, 4, 6) map before a convolution (a generator's stem)."""
+
+  @nn.compact
+  def __call__(self, z):
+    x = nn.relu(nn.Dense(4 * 4 * 6)(z)).reshape(z.shape[0], 4, 4, 6)
+    return nn.Conv(2, (3, 3))(x)
+
+
+def test_a_dense_layer_split_into_a_map_shrinks_with_the_next_convolution():
+  model, z = Decoder(), jax.random.normal(jax.random.key(1), (2, 5))
+  params = _perturbed(jax.jit(model.init)(jax.random.key(0), z)["params"])
+  fn = lambda p, z: model.apply({"params": p}, z)
+  groups = optax_prune.channel_groups(fn, params, z)
+  conv = _groups_by_name(groups)["['Conv_0']['kernel'][axis 2]"]
+  # Dense_0's 96 outputs are 4 x 4 positions times 6 channels, channels inner.
+  assert conv.prunable and conv.flat_members == (
+      ("['Dense_0']['bias']", 0, 16, 1), ("['Dense_0']['kernel']", 1, 16, 1))
+  pruned, _ = _prune(params, groups, 0.5)
+  small = optax_prune.shrink(groups, pruned)
+  assert small.params["Dense_0"]["kernel"].shape == (5, 48)
+  np.testing.assert_allclose(small.apply(small.params, z), fn(pruned, z), rtol=1e-5, atol=1e-6)
+
+
 class NnxMLP(nnx.Module):
 
   def __init__(self, widths, rngs):
