@@ -19,10 +19,18 @@ refused (``reason`` says why, its axes are left alone) when one of its axes
 * is reduced over (a mean or a norm: LayerNorm's statistics change with the
   number of channels), concatenated, sliced, indexed, padded, reversed,
   sorted or scanned;
-* is split by a reshape (heads cut out of a fused projection), or merged
-  with other axes of which more than one holds channels (a flatten of
-  positions and channels before a Dense layer is followed: that layer's
-  rows of a channel go with it, see ``ChannelGroup.flat_members``);
+* is merged with other axes or split into several by a reshape, unless
+  one part can hold the units: a flatten of positions and channels before a
+  Dense layer is followed (that layer's rows of a channel go with it, see
+  ``ChannelGroup.flat_members``), and so are attention heads behind a
+  reshape, ``heads * head_dim -> (heads, head_dim)`` and back (the part
+  with parameters, else the first one that is not refused: ``heads``; the
+  axis then shrinks by whole blocks of ``head_dim`` entries). Refused: a
+  reshape where more than one part holds parameters or none is free, and
+  heads merged back in another order than they were split;
+* is cut into pieces (``split``, slices), unless into equal contiguous
+  pieces, all read, that each hold the same units (a fused q/k/v kernel:
+  the same head in each third);
 * is contracted between two activations (attention logits, scaled by
   ``1 / sqrt(depth)``: a shrunk model would scale them by its new depth), or
   with a factor that is not zero at pruned channels;
@@ -44,6 +52,7 @@ by comparing outputs, as ``tests/test_coupling.py`` does.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import warnings
@@ -87,6 +96,13 @@ _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpo
 _SUBJAXPR = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 _RESHAPED = "merged with or split from another axis by a reshape"
 _FLATTEN = "flatten"  # Placeholder reason of a flattened axis until it is resolved.
+# How a resolved view's axis holds its group's units (part of its own group's
+# reason), by the reshape's direction and whether the units' axis holds params.
+_HOW = {("merge", True): "a flatten of channels and positions",
+        ("split", True): "split into positions and channels by a reshape",
+        ("merge", False): "merged from heads (blocks of entries) by a reshape",
+        ("split", False): "split into heads (blocks of entries) by a reshape",
+        ("pieces", False): "cut into equal pieces (a fused projection)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,14 +116,21 @@ class ChannelGroup:
       ``.value`` dropped).
     state_members: the same for the state (BatchNorm's running statistics).
     flat_members, flat_state_members: ``(path, axis, outer, inner)`` of
-      members whose axis is a flatten of channels with other axes (a Dense
-      kernel after ``x.reshape(batch, -1)`` of an ``(h, w, c)`` map): seen as
-      ``(outer, size, inner)``, its middle part holds the channel
-      (``outer = h * w``, ``inner = 1`` there).
+      members whose axis holds each channel as a block of entries: seen as
+      ``(outer, size, inner)``, its middle part holds the channel. A Dense
+      kernel after ``x.reshape(batch, -1)`` of an ``(h, w, c)`` map has
+      ``outer = h * w``, ``inner = 1``; a query kernel ``(d, heads *
+      head_dim)`` split into heads by a reshape has ``outer = 1``, ``inner =
+      head_dim`` (a unit, a head, is ``head_dim`` contiguous columns), a
+      fused q/k/v kernel ``outer = 3`` (the head's block in each third).
+      Importance sums over a unit's entries; ``shrink`` cuts whole units.
     reason: why the group cannot be removed safely; ``""`` if it can.
     name: ``"path[axis a]"`` of the member that makes the channels: the
       first leaf (kernels first) whose last axis of two or more is in the
-      group (a layer's outputs), else the first kernel, else the first member.
+      group (a layer's outputs), else the first kernel, else the first member;
+      for a group whose members all hold blocks (heads), the same member
+      among them, as ``"path[axis a, blocks of 4]"`` (``"3 blocks of 4"`` for
+      a fused kernel).
   """
 
   size: int
@@ -164,11 +187,16 @@ def channel_groups(fn: Callable, params: Any, *inputs: Any, state: Any = None) -
   (attention logits), or meets an unknown primitive (see the module
   docstring). Covered: Dense, Conv (grouped only depthwise), pooling,
   Embed, BatchNorm (inference), residual adds, a flatten of positions and
-  channels before a Dense layer, and flax's multi-head attention, whose
-  heads are one group (query, key, value and output projections) and whose
-  value/output head depth is another. Not covered (refused): LayerNorm and
-  GroupNorm axes, concatenations, loops (``scan``), heads split from a
-  fused projection by a reshape.
+  channels before a Dense layer, flax's multi-head attention, whose heads
+  are one group (query, key, value and output projections) and whose
+  value/output head depth is another, and heads behind a reshape (BERT,
+  GPT-2, ViT as HF's Flax code writes them: one hidden-size projection, or
+  a fused q/k/v one cut by ``jnp.split`` or equal slices, reshaped to
+  ``(..., heads, head_dim)`` and merged back): a group of ``heads`` units,
+  each a block of ``head_dim`` entries of every member (see
+  ``ChannelGroup.flat_members``), named ``"path[axis a, blocks of 4]"``.
+  Not covered (refused): LayerNorm and GroupNorm axes, concatenations,
+  loops (``scan``), a head's depth behind a reshape.
 
   Args:
     fn: the model in inference mode, returning its outputs only:
@@ -283,12 +311,18 @@ class _Graph:
     self.reasons: dict[int, str] = {}  # node -> first reason it was refused.
     self.zero: dict = {}  # (var, axis) -> slices at pruned channels are 0.
     self.weight: dict = {}  # var -> computed from params and state alone.
-    self.merges: list = []  # (merged node, [(node, length) merged into it]).
+    # (flat node, [(node, length) it is merged from or split into], "merge" or "split").
+    self.reshapes: list = []
+    # (flat node, pieces, index, piece node, reason if unresolved): equal
+    # contiguous pieces of an axis (`split`, slices), a fused q/k/v projection.
+    self.pieces: list = []
     self.read: set = set()  # ids of the values some primitive reads.
     # The walk in order, nested calls inlined: ("const", var, value),
     # ("alias", var, source) and ("eqn", _Eqn); what `shrink` evaluates.
     self.program: list = []
-    self.flat: dict = {}  # channel root -> [(flattened root, outer, inner)].
+    # channel root -> [(view root, outer, inner)]: axes that hold the group's
+    # units as the middle of (outer, units, inner) (flattens, heads, pieces).
+    self.flat: dict = {}
     self.roots: dict = {}  # group name -> its root.
 
   # -- union-find --
@@ -375,6 +409,9 @@ class _Graph:
           self._pass(x, in_axis, y, out_axis)
       elif name in _REDUCE:
         self._reduce(eqn)
+      elif (name == "split" and len(set(eqn.params["sizes"])) == 1
+            and len(eqn.outvars) > 1 and eqn.params["sizes"][0] > 1):
+        self._split(eqn)
       elif name in _ALONG_AXIS:
         self._along_axis(eqn, eqn.params[_ALONG_AXIS[name]], f"`{name}` runs along it")
       elif name == "concatenate":
@@ -516,10 +553,14 @@ class _Graph:
           p, i = p * ins[i][1], i + 1
         else:
           q, j = q * outs[j][1], j + 1
-      if j == j0 + 1:  # A flatten: resolved once the groups are known.
-        self.block(self.node(y, outs[j0][0]), _FLATTEN)
-        self.merges.append((self.node(y, outs[j0][0]),
-                            [(self.node(x, a), size) for a, size in ins[i0:i]]))
+      if j == j0 + 1 or i == i0 + 1:  # A flatten or a split: resolved with the groups.
+        merge = j == j0 + 1
+        flat, (parts_of, parts) = ((y, outs[j0][0]), (x, ins[i0:i])) if merge else (
+            (x, ins[i0][0]), (y, outs[j0:j]))
+        self.block(self.node(*flat), _FLATTEN)
+        self.reshapes.append((self.node(*flat), [(self.node(parts_of, a), size)
+                                                  for a, size in parts],
+                              "merge" if merge else "split"))
         continue
       self.block_var(x, _RESHAPED, [a for a, _ in ins[i0:i]])
       self.block_var(y, _RESHAPED, [a for a, _ in outs[j0:j]])
@@ -574,12 +615,35 @@ class _Graph:
   def _slice(self, eqn) -> None:
     x, (y,) = eqn.invars[0], eqn.outvars
     for a in range(_ndim(x)):
-      if x.aval.shape[a] == y.aval.shape[a] and (
-          eqn.primitive.name == "dynamic_slice" or eqn.params["start_indices"][a] == 0):
+      n, length = x.aval.shape[a], y.aval.shape[a]
+      start = 0 if eqn.primitive.name == "dynamic_slice" else eqn.params["start_indices"][a]
+      if n == length and start == 0:
         self._pass(x, a, y, a)
+      elif (eqn.primitive.name == "slice" and not eqn.params["strides"]
+            and 1 < length < n and n % length == 0 and start % length == 0):
+        self._piece(x, a, n // length, start // length, y, a, "sliced")
       else:
         self.block_var(x, "sliced", [a])
         self.block_var(y, "sliced", [a])
+
+  def _split(self, eqn) -> None:
+    """``split`` into equal sizes: each output is a piece of the axis."""
+    (x,), axis = eqn.invars, eqn.params["axis"] % _ndim(eqn.invars[0])
+    for index, y in enumerate(eqn.outvars):
+      for a in range(_ndim(x)):
+        if a == axis:
+          self._piece(x, a, len(eqn.outvars), index, y, a, "`split` runs along it")
+        else:
+          self._pass(x, a, y, a)
+
+  def _piece(self, x, x_axis, pieces, index, y, y_axis, reason) -> None:
+    """``y``'s axis is piece ``index`` of ``pieces`` equal contiguous ones of
+    ``x``'s (a third of a fused q/k/v projection): resolved with the groups."""
+    if _literal(x):
+      return
+    self.block(self.node(x, x_axis), _FLATTEN)
+    self.pieces.append((self.node(x, x_axis), pieces, index, self.node(y, y_axis), reason))
+    self.zero[(y, y_axis)] = self.is_zero(x, x_axis)
 
   def _gather(self, eqn) -> None:
     (x, indices), (y,) = eqn.invars, eqn.outvars
@@ -637,19 +701,23 @@ class _Graph:
     reasons: dict[int, list] = {}
     for i, reason in self.reasons.items():
       reasons.setdefault(self.find(i), []).append(reason)
-    flat = self._resolve_flattens(found, reasons)
+    flat, via = self._resolve_views(found, reasons)
     self.flat = flat
-    flattened_into = {merged: channel for channel, views in flat.items()
-                      for merged, _, _ in views}
-    groups, names = [], {}
+    ndim = {m: n for entry in found.values() for m, n in entry["ndim"].items()}
+    # Named after a layer's outputs: a kernel's last axis, else any kernel.
+    rank = lambda m: (not (ndim[m] >= 2 and m[1] == ndim[m] - 1), "kernel" not in m[0], m)
+    names = {}
     for root, entry in found.items():
-      if not entry[PARAMS]:
-        continue
-      ndim = lambda m, e=entry: e["ndim"][m]
-      # Named after a layer's outputs: a kernel's last axis, else any kernel.
-      path, axis = min(entry[PARAMS], key=lambda m: (
-          not (ndim(m) >= 2 and m[1] == ndim(m) - 1), "kernel" not in m[0], m))
-      names[root] = f"{path}[axis {axis}]"
+      if entry[PARAMS]:
+        path, axis = min(entry[PARAMS], key=rank)
+        names[root] = f"{path}[axis {axis}]"
+    for root, views in flat.items():  # Units only seen through views: heads.
+      viewed = [(path, axis, outer, inner) for merged, outer, inner in views
+                for path, axis in found.get(merged, {}).get(PARAMS, ())]
+      if root not in names and viewed:
+        path, axis, outer, inner = min(viewed, key=lambda m: rank(m[:2]))
+        names[root] = f"{path}[axis {axis}, {_blocks(outer, inner)}]"
+    groups = []
     for root, name in names.items():
       views = {kind: tuple(sorted((path, axis, outer, inner)
                                   for merged, outer, inner in flat.get(root, ())
@@ -657,43 +725,99 @@ class _Graph:
                for kind in (PARAMS, STATE)}
       own = [r for r in reasons.get(root, ()) if r != _FLATTEN]
       if _FLATTEN in reasons.get(root, ()):
-        own.append(f"a flatten of channels and positions; shrinks with the group of"
-                   f" {names[flattened_into[root]]}"
-                   if flattened_into.get(root) in names else _RESHAPED)
+        unit, how = via.get(root, (None, None))
+        own.append(f"{_HOW[how]}; shrinks with the group of {names[unit]}"
+                   if unit in names else _RESHAPED)
       if self.size[root] == 1:
         own.append("a single channel")
+      entry = found.get(root, {})
       groups.append(ChannelGroup(
-          self.size[root], tuple(sorted(found[root][PARAMS])),
-          tuple(sorted(found[root][STATE])), own[0] if own else "", name,
+          self.size[root], tuple(sorted(entry.get(PARAMS, ()))),
+          tuple(sorted(entry.get(STATE, ()))), own[0] if own else "", name,
           views[PARAMS], views[STATE], trace))
       self.roots[name] = root
     return ChannelGroups(tuple(sorted(groups, key=lambda g: (not g.prunable, g.members))))
 
-  def _resolve_flattens(self, found, reasons) -> dict[int, list]:
-    """channel root -> [(flattened root, outer, inner)] of the flattens it can
-    shrink through; ``reasons`` gains the refusals of the others.
+  def _resolve_views(self, found, reasons) -> tuple[dict, dict]:
+    """The axes that hold a group's units as blocks: ``(flat, via)``.
 
-    A flatten of ``(..., positions, channels, ...)`` into one axis is a view
-    of one channel group when exactly one of the merged axes belongs to a
-    group with parameters; that group then also owns the flattened axis's
-    members (strided) and inherits its refusals.
+    ``flat`` maps a unit root to ``[(view root, outer, inner)]``: the view
+    root's axis, seen as ``(outer, units, inner)``, holds unit ``u`` in its
+    middle part at ``u``; ``via`` maps a view root to ``(unit root, how)``.
+    ``reasons`` gains the refusals of what cannot be resolved (and the unit
+    roots inherit their views' refusals).
+
+    * A reshape that merges axes into one (a flatten) or splits one into
+      several (``heads * head_dim -> (heads, head_dim)``): the flat axis is a
+      view of one of its parts, the only unrefused part of length > 1 with
+      parameters, else (no part has any: heads) the first unrefused part of
+      length > 1 (``heads`` before ``head_dim``, whose q/k side is refused as
+      contracted between two activations). A flat axis reshaped twice, a part
+      chosen in one reshape and kept whole (or itself reshaped) in another,
+      is refused (``_RESHAPED``); so are the other roots of such a reshape.
+    * Equal contiguous pieces of an axis (``split``, or slices of a fused
+      q/k/v projection), every piece read: a view of the pieces' unit root
+      when every piece is a view of it with the same ``(outer, inner)``
+      (each third split into the same heads), with ``outer`` times the pieces.
     """
-    flat: dict[int, list] = {}
-    merged_roots = [self.find(m) for m, _ in self.merges]
-    for (merged, parts), root in zip(self.merges, merged_roots):
-      roots = [self.find(node) for node, _ in parts]
-      channel = [k for k, r in enumerate(roots) if found.get(r, {}).get(PARAMS)]
-      if len(channel) == 1 and merged_roots.count(root) == 1 and root not in roots:
-        (k,) = channel
-        lengths = [length for _, length in parts]
-        flat.setdefault(roots[k], []).append(
-            (root, math.prod(lengths[:k]), math.prod(lengths[k + 1:])))
-        others = [r for r in reasons.get(root, ()) if r != _FLATTEN]
-        reasons.setdefault(roots[k], []).extend(others)
-      else:
-        for r in roots + [root]:
+    has_params = lambda r: bool(found.get(r, {}).get(PARAMS))
+    blocked = lambda r: any(x != _FLATTEN for x in reasons.get(r, ()))
+    records = [(self.find(flat), [self.find(node) for node, _ in parts],
+                [length for _, length in parts], how) for flat, parts, how in self.reshapes]
+    flats = collections.Counter(root for root, *_ in records)
+    failed: set = set()
+    while True:  # Failures block their roots, which may change other choices.
+      chosen = {}
+      for i, (_, roots, lengths, _) in enumerate(records):
+        free = [k for k, r in enumerate(roots) if lengths[k] > 1 and not blocked(r)]
+        with_params = [k for k in free if has_params(roots[k])]
+        if i not in failed and (len(with_params) == 1 or free and not with_params):
+          chosen[i] = (with_params or free)[0]
+      units = {records[i][1][k] for i, k in chosen.items()}
+      viewed = {records[i][0] for i in chosen}
+      bad = {i for i, (root, roots, _, _) in enumerate(records) if i not in failed and (
+          i not in chosen or flats[root] > 1 or root in roots or root in units
+          or any(r in viewed or (k != chosen[i] and r in units) for k, r in enumerate(roots)))}
+      if not bad:
+        break
+      failed |= bad
+      for i in bad:
+        for r in records[i][1] + [records[i][0]]:
           reasons.setdefault(r, []).append(_RESHAPED)
-    return flat
+    view_of = {}  # view root -> (unit root, outer, inner, how)
+    kept_whole = set()  # Parts that keep their length.
+    for i, k in chosen.items():
+      root, roots, lengths, how = records[i]
+      view_of[root] = (roots[k], math.prod(lengths[:k]), math.prod(lengths[k + 1:]),
+                       (how, has_params(roots[k])))
+      kept_whole.update(r for m, r in enumerate(roots) if m != k)
+    units = {unit for unit, *_ in view_of.values()}
+    cuts: dict[int, list] = {}
+    for flat, pieces, index, piece, reason in self.pieces:
+      cuts.setdefault(self.find(flat), []).append((pieces, index, self.find(piece), reason))
+    for root, cut in cuts.items():
+      targets = {view_of.get(p, (p, 1, 1))[:3] for _, _, p, _ in cut}
+      (unit, outer, inner), pieces = min(targets), cut[0][0]
+      if (len(targets) == 1 and {n for n, *_ in cut} == {pieces}
+          and {index for _, index, _, _ in cut} == set(range(pieces))
+          and root not in view_of and root not in units and root not in kept_whole
+          and unit != root and unit not in cuts and unit not in kept_whole):
+        view_of[root] = (unit, pieces * outer, inner, ("pieces", False))
+      else:
+        for r in {root} | {p for _, _, p, _ in cut}:
+          reasons.setdefault(r, []).append(cut[0][3])
+    flat: dict[int, list] = {}
+    via = {}
+    for root, (unit, outer, inner, how) in view_of.items():
+      flat.setdefault(unit, []).append((root, outer, inner))
+      via[root] = (unit, how)
+      reasons.setdefault(unit, []).extend(r for r in reasons.get(root, ()) if r != _FLATTEN)
+    return flat, via
+
+
+def _blocks(outer: int, inner: int) -> str:
+  """How a member holds a unit: ``"blocks of 4"`` (a head), ``"3 blocks of 4"``."""
+  return f"{outer} blocks of {inner}" if outer > 1 else f"blocks of {inner}"
 
 
 def _literal(var) -> bool:

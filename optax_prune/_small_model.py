@@ -4,9 +4,11 @@
 keeps the walk (nested calls inlined). :func:`build` evaluates that walk with
 each primitive bound again, its shape-carrying parameters rewritten from the
 analysis: an axis of a shrunk group takes the group's kept count, a
-flattened axis ``outer * kept * inner``; broadcast, reshape and iota shapes,
-``slice`` limits, ``dynamic_slice`` / ``gather`` slice sizes, the feature
-groups of a depthwise convolution and random-number shapes follow. Params,
+flattened axis (or one split into heads) ``outer * kept * inner``;
+broadcast, reshape and iota shapes, ``slice`` limits (and the place of an
+equal piece: a third of a fused q/k/v projection), ``split`` sizes,
+``dynamic_slice`` / ``gather`` slice sizes, the feature groups of a
+depthwise convolution and random-number shapes follow. Params,
 state and inputs are arguments: the callable is jittable, differentiable
 where the model is, and exports with ``jax.export``.
 """
@@ -56,10 +58,19 @@ def build(trace: Any, new_sizes: dict[int, int]) -> Callable:
       params["slice_sizes"] = tuple(
           size(x, a) if n == x.aval.shape[a] else n for a, n in enumerate(params["slice_sizes"]))
     elif name == "slice":
-      x = eqn.invars[0]
-      params["limit_indices"] = tuple(
-          size(x, a) if (start, stop) == (0, x.aval.shape[a]) else stop
-          for a, (start, stop) in enumerate(zip(params["start_indices"], params["limit_indices"])))
+      (x,), (y,) = eqn.invars, eqn.outvars
+      starts, limits = [], []
+      for a, (start, stop) in enumerate(zip(params["start_indices"], params["limit_indices"])):
+        if (start, stop) == (0, x.aval.shape[a]):  # The whole axis.
+          start, stop = 0, size(x, a)
+        elif size(y, a) != y.aval.shape[a]:  # A piece (a third of a fused q/k/v): its new place.
+          start = start // y.aval.shape[a] * size(y, a)
+          stop = start + size(y, a)
+        starts.append(start)
+        limits.append(stop)
+      params["start_indices"], params["limit_indices"] = tuple(starts), tuple(limits)
+    elif name == "split":
+      params["sizes"] = tuple(o[params["axis"]] for o in outs)
     elif name == "conv_general_dilated" and params["feature_group_count"] > 1:
       lhs_spec = params["dimension_numbers"][0]
       params["feature_group_count"] = size(eqn.invars[0], lhs_spec[1])  # Depthwise.

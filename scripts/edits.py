@@ -487,6 +487,14 @@ EDITS: list[Edit] = [
          "            or self.is_weight(rhs) and self.is_zero(rhs, b)):\n",
          "    if not (self.is_zero(lhs, a) or self.is_zero(rhs, b)):\n",
          "channels contracted between two activations (attention logits) are refused"),
+        ("coupling-pieces-not-all-read",
+         "          and {index for _, index, _, _ in cut} == set(range(pieces))\n",
+         "",
+         "an axis of which only some equal pieces are read is refused as sliced"),
+        ("coupling-heads-order-unchecked",
+         "or (k != chosen[i] and r in units)",
+         "or False",
+         "heads merged back in another order than they were split are refused"),
     ),
     # ---- _export.py.
     *_edits(
@@ -733,6 +741,14 @@ EDITS: list[Edit] = [
          "      if tuple(jnp.shape(x)) != shape(var):",
          "      if False:",
          "apply given params of other shapes than the shrunk ones says so"),
+        ("small-split-sizes-kept",
+         '      params["sizes"] = tuple(o[params["axis"]] for o in outs)',
+         "      pass",
+         "a split of a fused q/k/v projection takes the shrunk sizes"),
+        ("small-piece-not-moved",
+         "          start = start // y.aval.shape[a] * size(y, a)",
+         "          start = start",
+         "a slice of a fused q/k/v projection (its second third) moves to its shrunk place"),
     ),
     # ---- _granularity.py: coupled channels' round_to.
     *_edits(

@@ -291,6 +291,30 @@ def test_a_flatten_before_a_dense_layer_shrinks_with_the_channels():
   np.testing.assert_allclose(out, fn(pruned, x), rtol=1e-5, atol=1e-6)
 
 
+class Decoder(nn.Module):
+  """A Dense layer reshaped into a (4, 4, 6) map before a convolution (a generator's stem)."""
+
+  @nn.compact
+  def __call__(self, z):
+    x = nn.relu(nn.Dense(4 * 4 * 6)(z)).reshape(z.shape[0], 4, 4, 6)
+    return nn.Conv(2, (3, 3))(x)
+
+
+def test_a_dense_layer_split_into_a_map_shrinks_with_the_next_convolution():
+  model, z = Decoder(), jax.random.normal(jax.random.key(1), (2, 5))
+  params = _perturbed(jax.jit(model.init)(jax.random.key(0), z)["params"])
+  fn = lambda p, z: model.apply({"params": p}, z)
+  groups = optax_prune.channel_groups(fn, params, z)
+  conv = _groups_by_name(groups)["['Conv_0']['kernel'][axis 2]"]
+  # Dense_0's 96 outputs are 4 x 4 positions times 6 channels, channels inner.
+  assert conv.prunable and conv.flat_members == (
+      ("['Dense_0']['bias']", 0, 16, 1), ("['Dense_0']['kernel']", 1, 16, 1))
+  pruned, _ = _prune(params, groups, 0.5)
+  small = optax_prune.shrink(groups, pruned)
+  assert small.params["Dense_0"]["kernel"].shape == (5, 48)
+  np.testing.assert_allclose(small.apply(small.params, z), fn(pruned, z), rtol=1e-5, atol=1e-6)
+
+
 class NnxMLP(nnx.Module):
 
   def __init__(self, widths, rngs):
@@ -333,6 +357,172 @@ def test_nnx_model_trains_with_coupled_pruning_and_shrinks():
   smaller.eval()
   nnx.update(smaller, small.params, small.state)
   np.testing.assert_allclose(smaller(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------- heads behind a reshape --
+# Written as HF's Flax BERT, GPT-2 and ViT write them: one hidden-size (or
+# fused 3 * hidden) projection, reshaped to (..., heads, head_dim) and merged
+# back before the output projection; widths are literals or attributes.
+
+
+def _attention(q, k, v, mask=None):
+  """q, k, v: (batch, tokens, heads, head_dim) -> (batch, tokens, heads * head_dim)."""
+  weights = nn.dot_product_attention_weights(q, k, mask=mask)
+  out = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+  return out.reshape(out.shape[:2] + (-1,))
+
+
+class BertLayer(nn.Module):
+  """Post-norm: separate query/key/value, a GELU MLP (FlaxBertLayer)."""
+
+  hidden: int = 16
+  heads: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    head_dim = self.hidden // self.heads
+    split = lambda h: h.reshape(h.shape[:2] + (self.heads, head_dim))
+    q, k, v = (split(nn.Dense(self.hidden, name=n)(x)) for n in ("query", "key", "value"))
+    out = nn.Dense(self.hidden, name="attention_output")(_attention(q, k, v))
+    x = nn.LayerNorm(name="attention_norm")(out + x)
+    h = nn.gelu(nn.Dense(32, name="intermediate")(x))
+    return nn.LayerNorm(name="output_norm")(nn.Dense(self.hidden, name="output")(h) + x)
+
+
+class GPT2Block(nn.Module):
+  """Pre-norm, causal; one fused c_attn kernel (d, 3 d) cut by `jnp.split` or slices."""
+
+  cut: str = "split"
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    heads = 4
+    qkv = nn.Dense(3 * d, name="c_attn")(nn.LayerNorm(name="ln_1")(x))
+    if self.cut == "split":
+      q, k, v = jnp.split(qkv, 3, axis=2)
+    else:
+      q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    q, k, v = (y.reshape(b, t, heads, d // heads) for y in (q, k, v))
+    causal = nn.make_causal_mask(jnp.ones((b, t)), dtype=bool)
+    x = x + nn.Dense(d, name="c_proj")(_attention(q, k, v, causal))
+    h = nn.gelu(nn.Dense(4 * d, name="c_fc")(nn.LayerNorm(name="ln_2")(x)))
+    return x + nn.Dense(d, name="mlp_proj")(h)
+
+
+class ViTEncoder(nn.Module):
+  """Patches, position embeddings, one pre-norm block, a classifier (FlaxViTModel)."""
+
+  @nn.compact
+  def __call__(self, images):
+    x = nn.Conv(16, (2, 2), strides=(2, 2), padding="VALID", name="patch")(images)
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    x = x + self.param("position", nn.initializers.normal(0.02), x.shape[1:])
+    y = nn.LayerNorm(name="layernorm_before")(x)
+    split = lambda h: h.reshape(h.shape[:2] + (4, 4))
+    q, k, v = (split(nn.Dense(16, name=n)(y)) for n in ("query", "key", "value"))
+    x = x + nn.Dense(16, name="attention_output")(_attention(q, k, v))
+    h = nn.gelu(nn.Dense(32, name="intermediate")(nn.LayerNorm(name="layernorm_after")(x)))
+    x = x + nn.Dense(16, name="output")(h)
+    return nn.Dense(3, name="classifier")(nn.LayerNorm(name="layernorm")(x)[:, 0])
+
+
+def _qkv_heads(q, k, v, out):
+  """(path, axis, outer) of the members of separate projections' heads (blocks of 4)."""
+  return {(f"['{n}']['kernel']", 1, 1) for n in (q, k, v)} | {
+      (f"['{n}']['bias']", 0, 1) for n in (q, k, v)} | {(f"['{out}']['kernel']", 0, 1)}
+
+
+HEADS = {  # model, input, the heads group's members.
+    "bert": (BertLayer, (2, 5, 16), _qkv_heads("query", "key", "value", "attention_output")),
+    "gpt2-split": (functools.partial(GPT2Block, "split"), (2, 5, 16), {
+        ("['c_attn']['kernel']", 1, 3), ("['c_attn']['bias']", 0, 3),
+        ("['c_proj']['kernel']", 0, 1)}),
+    "gpt2-slices": (functools.partial(GPT2Block, "slices"), (2, 5, 16), {
+        ("['c_attn']['kernel']", 1, 3), ("['c_attn']['bias']", 0, 3),
+        ("['c_proj']['kernel']", 0, 1)}),
+    "vit": (ViTEncoder, (2, 4, 4, 3), _qkv_heads("query", "key", "value", "attention_output")),
+}
+
+
+def _head_scores(params, members, heads=4, head_dim=4):
+  """NumPy: a head's importance is the sum over members of the L2 norm of
+  its entries (head h of third o of a fused axis: o * 16 + h * 4 + i)."""
+  score = np.zeros(heads)
+  for path, axis, outer in members:
+    w = np.moveaxis(np.asarray(_by_keystr(params, path), np.float64), axis, 0)
+    for h in range(heads):
+      rows = [o * heads * head_dim + h * head_dim + i for o in range(outer) for i in range(head_dim)]
+      score[h] += np.sqrt(np.sum(w[rows] ** 2))
+  return score
+
+
+def _by_keystr(tree, path):
+  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}[path]
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_heads_behind_a_reshape_prune_whole_and_shrink_to_the_masked_outputs(name):
+  make, shape, members = HEADS[name]
+  model, x = make(), jax.random.normal(jax.random.key(1), shape)
+  params = _perturbed(jax.jit(model.init)(jax.random.key(0), x))["params"]
+  fn = lambda p, x: model.apply({"params": p}, x)
+  groups = optax_prune.channel_groups(fn, params, x)
+  (heads,) = [g for g in groups.groups if "blocks of 4]" in g.name]
+  assert heads.prunable and heads.size == 4 and heads.members == ()
+  assert {(path, axis, outer) for path, axis, outer, inner in heads.flat_members} == members
+  assert {view[3] for view in heads.flat_members} == {4}  # A unit: head_dim entries.
+  # The projections' own axes shrink with the heads, their head_dim is kept.
+  fused = [g for g in groups.groups if g.name == "['c_attn']['kernel'][axis 1]"]
+  assert all(g.reason.startswith("cut into equal pieces") for g in fused)
+  pruned, masks = optax_prune.prune(params, 0.5, granularity=optax_prune.coupled_channels([heads]))
+  # NumPy reference: the round(0.5 * 4) = 2 heads of least importance go.
+  gone = np.argsort(_head_scores(params, members), kind="stable")[:2]
+  for path, axis, outer in members:
+    mask = np.moveaxis(np.asarray(_by_keystr(masks, path)), axis, 0)
+    keep = mask.reshape((outer, 4, 4, -1)).all(axis=(0, 2, 3))
+    np.testing.assert_array_equal(keep, ~np.isin(np.arange(4), gone), err_msg=path)
+    assert not mask.reshape((outer, 4, 4, -1))[:, gone].any()
+  small = optax_prune.shrink([heads], pruned)
+  assert small.sizes == {heads.name: 2}
+  for path, axis, outer in members:
+    assert _by_keystr(small.params, path).shape[axis] == outer * 2 * 4
+  masked = fn(pruned, x)
+  np.testing.assert_allclose(jax.jit(small.apply)(small.params, x), masked, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(masked))))
+  assert small.max_abs_diff <= 1e-5 * float(jnp.max(jnp.abs(masked)))
+
+
+def test_heads_are_refused_where_a_reshape_is_not_heads_by_head_dim():
+  x = jnp.ones((2, 5, 16))
+  w = {"q": jnp.ones((16, 16)), "v": jnp.ones((16, 16)), "o": jnp.ones((16, 16)),
+       "a": jnp.ones((4, 3)), "b": jnp.ones((2, 3))}
+  split = lambda h: h.reshape(2, 5, 4, 4)
+
+  def merged_in_another_order(p, x):  # Merged as (head_dim, heads): no contiguous heads.
+    out = jnp.einsum("bqhd,bkhd->bqhd", split(x @ p["q"]), split(x @ p["v"]))
+    return out.transpose(0, 1, 3, 2).reshape(2, 5, 16) @ p["o"]
+
+  def summed_over_both(p, x):  # Neither part keeps its entries apart.
+    return split(x @ p["q"]).sum((2, 3)) + (x @ p["v"] @ p["o"]).sum(-1)
+
+  def cut_unequally(p, x):
+    a, b = jnp.split(x @ p["q"], [4], axis=-1)
+    return (jnp.tanh(a) @ p["v"][:4] + b @ p["v"][4:]) @ p["o"]
+
+  def pieces_of_other_units(p, x):  # The halves hold blocks of other groups.
+    a, b = jnp.split(x @ p["q"], 2, axis=-1)
+    return (a.reshape(2, 5, 2, 4) @ p["a"]).sum(2) + (b.reshape(2, 5, 4, 2) @ p["b"]).sum(2)
+
+  for body, reason in ((merged_in_another_order, _RESHAPED), (summed_over_both, _RESHAPED),
+                       (cut_unequally, "`split` runs along it"),
+                       (pieces_of_other_units, "`split` runs along it")):
+    groups = optax_prune.channel_groups(body, w, x)
+    assert _groups_by_name(groups)["['q'][axis 1]"].reason == reason, body.__name__
+    assert not [g for g in groups.prunable if ("['q']", 1) in [v[:2] for v in g.views()]]
+
+
+_RESHAPED = "merged with or split from another axis by a reshape"
 
 
 # ------------------------------------------------------------ exact counts --

@@ -1,7 +1,8 @@
 """The shrunk model as a callable (`shrink(...).apply`), against the masked model.
 
-Each model of tests/test_coupling.py, and a model-zoo style network whose widths
-are literals in its code, is pruned with `coupled_channels`, shrunk, and run
+Each model of tests/test_coupling.py (GPT-2's heads, split from a fused
+projection, among them), and a model-zoo style network whose widths are
+literals in its code, is pruned with `coupled_channels`, shrunk, and run
 through `apply`: jitted, it gives the masked model's outputs (rtol 1e-5, atol
 1e-5 * max|output|), it differentiates, and it exports with `jax.export` to a
 fresh process.
@@ -62,6 +63,9 @@ CASES = {
     "transformer": lambda: _linen(models.TinyTransformer(),
                                   jax.random.randint(jax.random.key(2), (2, 5), 0, 11), False),
     "zoo": lambda: _linen(ZooNet(), jax.random.normal(jax.random.key(1), (2, 8, 8, 3)), True),
+    # Heads behind a reshape, cut from a fused q/k/v kernel by `split`.
+    "gpt2": lambda: _linen(models.GPT2Block(), jax.random.normal(jax.random.key(1), (2, 5, 16)),
+                           False),
     "nnx": _nnx,
 }
 
