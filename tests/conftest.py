@@ -8,6 +8,16 @@ from hypothesis import settings
 
 from tests import mesh_run
 
+# The suite is mostly compilation. LLVM's backend optimisation buys run speed
+# the tests do not need, for a third of the suite's CPU time; what they check
+# (masks, counts, partitioning, outputs against references) does not depend on
+# it. Set before any backend starts, so the subprocesses of the suite (smoke
+# runs of the benchmarks, notebooks, fresh-process checks) inherit it too.
+# Benchmarks run with XLA's defaults.
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
 # 30 examples per property keep the whole suite near 4 minutes on 2 cores.
 settings.register_profile("ci", max_examples=30, deadline=None)
 settings.load_profile("ci")
