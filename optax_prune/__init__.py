@@ -13,6 +13,8 @@ from optax_prune._coupling import channel_groups
 from optax_prune._coupling import ChannelGroup
 from optax_prune._coupling import ChannelGroups
 from optax_prune._coupling import shrink
+from optax_prune._modules import linen_widths
+from optax_prune._modules import shrink_module
 from optax_prune._coupling import Shrunk
 from optax_prune._config import mask_update_steps
 from optax_prune._activations import InputNorm
@@ -85,6 +87,7 @@ __all__ = (
     "blocks",
     "by_path",
     "layer_axes",
+    "linen_widths",
     "channel_groups",
     "channels",
     "compact",
@@ -110,6 +113,7 @@ __all__ = (
     "save_compact",
     "set_training",
     "shrink",
+    "shrink_module",
     "sparsities_for_budget",
     "sparsity_summary",
     "static_sparse",

@@ -56,7 +56,7 @@ import collections
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -893,44 +893,8 @@ def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
     (3, 2)
   """
   chosen = checked_groups(groups, "groups")
-  trees = {PARAMS: params, STATE: state}
-  leaves = {kind: _by_path(tree) for kind, tree in trees.items() if tree is not None}
-  cuts: dict = {}  # (kind, path) -> [(axis, kept indices)].
-  sizes = {}
-  for group in chosen:
-    kept = np.zeros(group.size, bool)
-    for view in group.views(PARAMS):
-      x, axis = channel_view(np.asarray(_member(leaves[PARAMS], view, group, "params")),
-                             *view[1:])
-      kept |= np.any(x != 0, axis=tuple(a for a in range(x.ndim) if a != axis))
-    index = np.flatnonzero(kept)
-    sizes[group.name] = int(index.size)
-    for kind in (PARAMS, STATE):
-      views = group.views(kind)
-      if views and kind not in leaves:
-        raise ValueError(
-            f"group {group.name} has members in the state ({views[0][0]}, ...):"
-            " pass the `state` that `channel_groups` was given.")
-      for view in views:
-        _member(leaves[kind], view, group, kind)
-        cuts.setdefault((kind, view[0]), []).append((view[1:], index))
-
-  def cut(kind, tree):
-    if tree is None:
-      return None
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    out = []
-    for path, x in path_leaves:
-      for (axis, outer, inner), index in cuts.get(
-          (kind, jax.tree_util.keystr(_paths.normalized(path))), ()):
-        view, channel_axis = channel_view(x, axis, outer, inner)
-        shape = list(x.shape)
-        shape[axis] = outer * index.size * inner
-        x = jnp.take(view, index, axis=channel_axis).reshape(shape)
-      out.append(x)
-    return treedef.unflatten(out)
-
-  small_params, small_state = cut(PARAMS, params), cut(STATE, state)
+  cuts, sizes = channel_cuts(chosen, params, state)
+  small_params, small_state = cut(cuts, PARAMS, params), cut(cuts, STATE, state)
   traces = {id(g.trace): g.trace for g in chosen}
   if len(traces) != 1 or None in traces.values():
     return Shrunk(small_params, small_state, sizes)
@@ -954,6 +918,58 @@ def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
       raise ValueError(message)
     diff = float("nan")
   return Shrunk(small_params, small_state, sizes, apply, diff)
+
+
+def channel_cuts(chosen: Sequence[ChannelGroup], params: Any, state: Any) -> tuple[dict, dict]:
+  """What :func:`shrink` removes: ``(cuts, sizes)``.
+
+  ``cuts`` maps ``(kind, path)`` to ``[((axis, outer, inner), kept channel
+  indices)]``; ``sizes`` each group's kept channel count by name. A channel
+  is kept when some parameter member's slice at it is nonzero.
+  """
+  trees = {PARAMS: params, STATE: state}
+  leaves = {kind: _by_path(tree) for kind, tree in trees.items() if tree is not None}
+  cuts: dict = {}
+  sizes = {}
+  for group in chosen:
+    kept = np.zeros(group.size, bool)
+    for view in group.views(PARAMS):
+      x, axis = channel_view(np.asarray(_member(leaves[PARAMS], view, group, "params")),
+                             *view[1:])
+      kept |= np.any(x != 0, axis=tuple(a for a in range(x.ndim) if a != axis))
+    index = np.flatnonzero(kept)
+    sizes[group.name] = int(index.size)
+    for kind in (PARAMS, STATE):
+      views = group.views(kind)
+      if views and kind not in leaves:
+        raise ValueError(
+            f"group {group.name} has members in the state ({views[0][0]}, ...):"
+            " pass the `state` that `channel_groups` was given.")
+      for view in views:
+        _member(leaves[kind], view, group, kind)
+        cuts.setdefault((kind, view[0]), []).append((view[1:], index))
+  return cuts, sizes
+
+
+def cut(cuts: dict, kind: str, tree: Any, path_of: Optional[Callable] = None) -> Any:
+  """``tree`` with the channels of ``cuts`` removed from its leaves.
+
+  ``path_of(path)``: the member path a leaf at ``path`` stands for (default:
+  its own); a leaf whose path has no cuts is returned as it is.
+  """
+  if tree is None:
+    return None
+  path_of = path_of or (lambda path: jax.tree_util.keystr(_paths.normalized(path)))
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  out = []
+  for path, x in path_leaves:
+    for (axis, outer, inner), index in cuts.get((kind, path_of(path)), ()):
+      view, channel_axis = channel_view(x, axis, outer, inner)
+      shape = list(x.shape)
+      shape[axis] = outer * index.size * inner
+      x = jnp.take(view, index, axis=channel_axis).reshape(shape)
+    out.append(x)
+  return treedef.unflatten(out)
 
 
 def channel_view(x: Any, axis: int, outer: int, inner: int) -> tuple[Any, int]:

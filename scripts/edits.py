@@ -71,6 +71,7 @@ TESTS = {
     "_compact.py": ("tests/test_compact.py", "optax_prune/_compact.py"),
     "_small_model.py": ("tests/test_small_model.py", "tests/test_coupling.py",
                         "optax_prune/_coupling.py"),
+    "_modules.py": ("tests/test_modules.py", "optax_prune/_modules.py"),
 }
 
 # Modules whose edits someone else adds (no entries yet is allowed for these).
@@ -761,6 +762,26 @@ EDITS: list[Edit] = [
          "      return jnp.abs(total)",
          "      return total",
          "Taylor importance is |sum of w * g| (a negative sum is as important as a positive)"),
+    ),
+    # ---- _modules.py: flax modules shrunk in place (nnx) and linen widths.
+    *_edits(
+        "_modules.py",
+        ("modules-depthwise-groups-kept",
+         "      widths[\"in_features\"] = widths[\"feature_group_count\"] = kernel[-1] * groups // (",
+         "      widths[\"in_features\"] = kernel[-1] * groups // (",
+         "a depthwise Conv shrunk in place has one feature group per remaining channel"),
+        ("modules-optimizer-not-cut",
+         "    _shrink_optimizer(optimizer, cuts, params)",
+         "    pass",
+         "the optimizer's moments and masks shrink with the module"),
+        ("modules-refusal-not-reverted",
+         "    nnx.update(model, params, rest)  # Nothing changed.",
+         "    pass",
+         "a refused shrink leaves the module as it was"),
+        ("modules-linen-attention-projections-listed",
+         "      continue  # The projections of an attention module: its own widths say it.",
+         "      pass",
+         "linen_widths names attention modules' own arguments, not their projections'"),
     ),
     # ---- __init__.py: the public API.
     *_edits(
