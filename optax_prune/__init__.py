@@ -39,6 +39,9 @@ from optax_prune._schedules import polynomial_schedule
 from optax_prune._schedules import PruningSchedule
 from optax_prune._schedules import PruningTarget
 from optax_prune._sensitivity import sensitivity
+from optax_prune._sparsegpt import Hessian
+from optax_prune._sparsegpt import hessians
+from optax_prune._sparsegpt import sparsegpt
 from optax_prune._sensitivity import SensitivityReport
 from optax_prune._sensitivity import sparsities_for_budget
 from optax_prune._sparse import rigl
@@ -70,6 +73,7 @@ __all__ = (
     "CompactNMLeaf",
     "ExportSizeReport",
     "Granularity",
+    "Hessian",
     "InputNorm",
     "LeafExportSize",
     "LeafSparsity",
@@ -93,6 +97,7 @@ __all__ = (
     "export_size_report",
     "find_pruning_state",
     "from_optax_schedule",
+    "hessians",
     "input_norms",
     "keep_masks",
     "load_compact",
@@ -110,6 +115,7 @@ __all__ = (
     "save_compact",
     "set_training",
     "shrink",
+    "sparsegpt",
     "sparsities_for_budget",
     "sparsity_summary",
     "static_sparse",

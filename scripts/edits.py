@@ -58,7 +58,7 @@ TESTS = {
     "_bits.py": ("tests/test_bits.py", "tests/test_summary.py"),
     "_scores.py": ("tests/test_scores.py", "tests/test_sparse.py"),
     "_activations.py": ("tests/test_activations.py", "tests/test_oneshot.py",
-                        "optax_prune/_activations.py"),
+                        "optax_prune/_activations.py", "tests/test_sparsegpt.py"),
     "_summary.py": ("tests/test_summary.py", "tests/test_integrations.py",
                     "optax_prune/_summary.py"),
     "_paths.py": ("tests/test_paths.py", "tests/test_pytrees.py", "optax_prune/_paths.py"),
@@ -71,6 +71,7 @@ TESTS = {
     "_compact.py": ("tests/test_compact.py", "optax_prune/_compact.py"),
     "_small_model.py": ("tests/test_small_model.py", "tests/test_coupling.py",
                         "optax_prune/_coupling.py"),
+    "_sparsegpt.py": ("tests/test_sparsegpt.py", "optax_prune/_sparsegpt.py"),
 }
 
 # Modules whose edits someone else adds (no entries yet is allowed for these).
@@ -573,6 +574,34 @@ EDITS: list[Edit] = [
          "if i is None or owners[0] is not None or eqn.params[\"feature_group_count\"] != 1:",
          "if i is None or owners[0] is not None:",
          "grouped (depthwise) convolutions get no input norms"),
+        ("activations-inputs-reversed",
+         "    meets = tuple(xc[list(wc).index(a)] for a in inputs)\n",
+         "    meets = tuple(xc[::-1])\n",
+         "an input's features are recorded in the order of the weight's input axes"),
+    ),
+    # ---- _sparsegpt.py: SparseGPT's sweep and the input Hessians.
+    *_edits(
+        "_sparsegpt.py",
+        ("sparsegpt-unseen-inputs-kept",
+         "  w = jnp.where(dead[:, None], jnp.zeros((), dtype), w)\n",
+         "",
+         "the weights of input features never seen (H_jj = 0) are set to 0"),
+        ("sparsegpt-lazy-update-dropped",
+         "    w = w - jnp.matmul(rows.T, err1, precision=_HIGHEST)\n",
+         "",
+         "each block's errors are spread over the input features after it"),
+        ("sparsegpt-dampening-absolute",
+         "h = h + dampening * jnp.mean(jnp.diagonal(h)) * eye",
+         "h = h + dampening * eye",
+         "the dampening is a fraction of the mean diagonal of H"),
+        ("sparsegpt-count-floor",
+         "counts = _distributions.prune_count(jnp.float32(fraction), sizes).astype(jnp.int32)",
+         "counts = jnp.asarray([int(fraction * n) for n in sizes], jnp.int32)",
+         "exactly round(s * n) entries of each block are pruned"),
+        ("sparsegpt-nm-groups-misaligned",
+         "      p1 = jnp.where(i % m == 0, chosen, p1)\n",
+         "      p1 = chosen\n",
+         "N:M groups are chosen when the sweep reaches their first feature, m apart"),
     ),
     # ---- _summary.py.
     *_edits(
