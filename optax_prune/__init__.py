@@ -39,6 +39,7 @@ from optax_prune._schedules import polynomial_schedule
 from optax_prune._schedules import PruningSchedule
 from optax_prune._schedules import PruningTarget
 from optax_prune._sensitivity import sensitivity
+from optax_prune._sequential import prune_sequential
 from optax_prune._sparsegpt import Hessian
 from optax_prune._sparsegpt import hessians
 from optax_prune._sparsegpt import sparsegpt
@@ -109,6 +110,7 @@ __all__ = (
     "nm_matmul",
     "polynomial_schedule",
     "prune",
+    "prune_sequential",
     "pruning_metrics",
     "rigl",
     "sensitivity",

@@ -72,6 +72,7 @@ TESTS = {
     "_small_model.py": ("tests/test_small_model.py", "tests/test_coupling.py",
                         "optax_prune/_coupling.py"),
     "_sparsegpt.py": ("tests/test_sparsegpt.py", "optax_prune/_sparsegpt.py"),
+    "_sequential.py": ("tests/test_sequential.py", "optax_prune/_sequential.py"),
 }
 
 # Modules whose edits someone else adds (no entries yet is allowed for these).
@@ -602,6 +603,26 @@ EDITS: list[Edit] = [
          "      p1 = jnp.where(i % m == 0, chosen, p1)\n",
          "      p1 = chosen\n",
          "N:M groups are chosen when the sweep reaches their first feature, m apart"),
+    ),
+    # ---- _sequential.py: block-by-block calibration.
+    *_edits(
+        "_sequential.py",
+        ("sequential-inputs-not-propagated",
+         "    xs = [run(block, x) for x in xs]  # The next block's inputs, from this pruned one.\n",
+         "",
+         "each block is calibrated on the outputs of the pruned blocks before it"),
+        ("sequential-wanda-per-leaf",
+         '_COMPARE = {"magnitude": "leaf", "wanda": "output", "sparsegpt": "block"}',
+         '_COMPARE = {"magnitude": "leaf", "wanda": "leaf", "sparsegpt": "block"}',
+         "method='wanda' ranks within each output feature by default, as Wanda does"),
+        ("sequential-norms-first-batch",
+         "norms = _activations.input_norms(fn, block, xs)",
+         "norms = _activations.input_norms(fn, block, xs[:1])",
+         "a block's statistics cover every calibration batch"),
+        ("sequential-blocksize-dropped",
+         "block, hessians, block_sparsity, blocksize=blocksize, dampening=dampening,",
+         "block, hessians, block_sparsity, dampening=dampening,",
+         "`blocksize` reaches sparsegpt"),
     ),
     # ---- _summary.py.
     *_edits(
