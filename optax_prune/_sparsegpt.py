@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from optax_prune import _checks
 from optax_prune import _distributions
 from optax_prune import _granularity
 from optax_prune import _oneshot
+from optax_prune import _paths
 from optax_prune import _plan
 from optax_prune import _thresholds
 from optax_prune import _transform
@@ -106,7 +107,7 @@ def sparsegpt(
     *,
     compare: str = "block",
     where: Any = None,
-    granularity: Optional[_granularity.NOfM] = None,
+    granularity: Any = None,
     blocksize: int = 128,
     dampening: float = 0.01,
 ) -> tuple[Any, Any]:
@@ -158,7 +159,9 @@ def sparsegpt(
     where: which leaves are pruned, as for :func:`magnitude_pruning` (by
       default the ``kernel`` leaves).
     granularity: None (unstructured) or :func:`n_of_m`, whose ``axis`` must be
-      the leaf's last input axis (``0`` for a ``Dense`` kernel).
+      the leaf's last input axis (``0`` for a ``Dense`` kernel, ``1`` for an
+      attention output kernel ``(heads, head_dim, out)``), or :func:`by_path`
+      rules of those.
     blocksize: input features per block, an integer >= 1 (a multiple of
       ``m`` with N:M).
     dampening: :math:`\lambda`, a finite number > 0: the fraction of the mean
@@ -191,34 +194,43 @@ def sparsegpt(
   _checks.one_of("compare", compare, COMPARE)
   blocksize = _checks.integer("blocksize", blocksize, 1)
   dampening = _checks.positive_number("dampening", dampening)
-  if granularity is not None:
-    if not isinstance(granularity, _granularity.NOfM):
-      raise ValueError(
-          "`granularity` must be None (unstructured) or `n_of_m(n, m, axis=...)`;"
-          f" got {granularity!r}.")
-    if compare != "block":
-      raise ValueError(
-          "`granularity=n_of_m(...)` chooses each group of m inputs in the sweep:"
-          " leave `compare='block'`.")
-    if blocksize % granularity.m:
-      raise ValueError(
-          f"`blocksize` must be a multiple of m={granularity.m} with `n_of_m`, so"
-          f" that no group straddles two blocks; got {blocksize}.")
+  _check_granularity(granularity, compare, blocksize)
   config, _, _ = _transform.pruning_setup(
       sparsity, where=where, scope="layer", threshold="auto", granularity=granularity,
       distribution=None, score="magnitude", seed=0, layer_axis=None)
   plan = _plan.make_plan(config, params)
   leaves = plan.treedef.flatten_up_to(params)
-  jobs = _jobs(plan, hessians, granularity)
+  jobs = _jobs(plan, hessians)
   out, masks = list(leaves), [optax.MaskedNode()] * len(leaves)
-  for index, fraction, hessian in jobs:
+  for index, fraction, hessian, nm in jobs:
     out[index], masks[index] = _prune_leaf(
-        leaves[index], hessian, fraction, compare, granularity, blocksize, dampening)
+        leaves[index], hessian, fraction, compare, nm, blocksize, dampening)
   return plan.treedef.unflatten(out), plan.treedef.unflatten(masks)
 
 
-def _jobs(plan: _plan.Plan, hessians: dict, nm: Optional[_granularity.NOfM]) -> list:
-  """``(leaf index, sparsity, Hessian)`` per pruned leaf, each checked."""
+def _check_granularity(granularity: Any, compare: str, blocksize: int) -> None:
+  """None, ``n_of_m`` or ``by_path`` rules of those (None: unstructured)."""
+  values = (granularity.values() if isinstance(granularity, _paths.PathRules)
+            else [granularity])
+  for value in values:
+    if value is None or isinstance(value, _granularity.Unstructured):
+      continue
+    if not isinstance(value, _granularity.NOfM):
+      raise ValueError(
+          "`granularity` must be None (unstructured), `n_of_m(n, m, axis=...)` or"
+          f" `by_path` rules of those; got {value!r}.")
+    if compare != "block":
+      raise ValueError(
+          "`granularity=n_of_m(...)` chooses each group of m inputs in the sweep:"
+          " leave `compare='block'`.")
+    if blocksize % value.m:
+      raise ValueError(
+          f"`blocksize` must be a multiple of m={value.m} with `n_of_m`, so"
+          f" that no group straddles two blocks; got {blocksize}.")
+
+
+def _jobs(plan: _plan.Plan, hessians: dict) -> list:
+  """``(leaf index, sparsity, Hessian, N:M or None)`` per pruned leaf, checked."""
   jobs, missing = [], []
   for s in plan.schedules:
     fraction = float(s.schedule(0).sparsity)
@@ -234,6 +246,7 @@ def _jobs(plan: _plan.Plan, hessians: dict, nm: Optional[_granularity.NOfM]) -> 
             f"`hessians[{leaf.path!r}]` has shape {np.shape(hessian.matrix)}, but the"
             f" leaf {leaf.shape} with output axes {hessian.output_axes} has {k} input"
             " features: collect the Hessians from these params.")
+      nm = leaf.granularity if isinstance(leaf.granularity, _granularity.NOfM) else None
       if nm is not None:
         if fraction != 1.0:
           raise ValueError(
@@ -243,7 +256,7 @@ def _jobs(plan: _plan.Plan, hessians: dict, nm: Optional[_granularity.NOfM]) -> 
           raise ValueError(
               f"`n_of_m(axis={nm.axis})` must cut the last input axis of {leaf.path}"
               f" (shape {leaf.shape}, inputs {inputs}): pass axis={inputs[-1] if inputs else 0}.")
-      jobs.append((leaf.index, fraction, hessian))
+      jobs.append((leaf.index, fraction, hessian, nm))
   if missing:
     raise ValueError(
         f"`hessians` has no Hessian for the pruned leaves {missing}: they were not"

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 from hypothesis import settings
@@ -174,3 +175,20 @@ def test_bad_arguments_name_the_argument_and_the_range():
     optax_prune.sparsegpt(params, {}, 0.5)
   with pytest.raises(ValueError, match="has shape \\(4, 4\\)"):
     optax_prune.sparsegpt(params, {"['kernel']": optax_prune.Hessian(np.eye(4), (1,))}, 0.5)
+
+
+def test_path_rules_choose_each_leafs_n_of_m_axis():
+  # An attention output kernel (heads, head_dim, out) is N:M along head_dim
+  # (its last input axis), the query kernel (in, heads, head_dim) along in.
+  model = _Model()
+  batches = [jax.random.normal(jax.random.key(3), (4, 3, 8))]
+  params = model.init(jax.random.key(4), batches[0])["params"]
+  hess = optax_prune.hessians(lambda p, x: model.apply({"params": p}, x), params, batches)
+  rules = optax_prune.by_path({r"\['out'\]": optax_prune.n_of_m(2, 4, axis=1)}, default=NM)
+  sparsity = optax_prune.by_path({r"\['head'\]": None}, default=1.0)
+  new, masks = optax_prune.sparsegpt(params, hess, sparsity, granularity=rules, blocksize=4)
+  assert (np.asarray(masks["out"]["kernel"]).reshape(2, 1, 4, 5).sum(2) == 2).all()
+  optax_prune.to_nm(new["out"]["kernel"], masks["out"]["kernel"], optax_prune.n_of_m(2, 4, axis=1))
+  assert (np.asarray(masks["query"]["kernel"]).reshape(2, 4, 8).sum(1) == 2).all()
+  optax_prune.to_nm(new["query"]["kernel"], masks["query"]["kernel"], NM)
+  assert isinstance(masks["head"]["kernel"], optax.MaskedNode)
