@@ -79,7 +79,8 @@ def prune_sequential(
       per batch.
     sparsity: a number in [0, 1], a pytree of those (``None``: not pruned)
       whose structure is a prefix of ``params``, or :func:`by_path` rules
-      (paths of the whole params).
+      (paths of the whole params). Every pruned leaf is pruned to its own
+      sparsity (uniform: no ERK).
     method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
     compare: how entries are ranked, passed on: for ``"magnitude"`` and
       ``"wanda"`` the ``compare`` of :func:`prune`, for ``"sparsegpt"`` that
@@ -112,7 +113,7 @@ def prune_sequential(
   # Which leaves are pruned, at what sparsity: decided over the whole params.
   config, _, _ = _transform.pruning_setup(
       sparsity, where=where, scope="layer", threshold="auto", granularity=None,
-      distribution=None, score="magnitude", seed=0, layer_axis=None)
+      distribution="uniform", score="magnitude", seed=0, layer_axis=None)
   plan = _plan.make_plan(config, params)
   fractions = [None] * len(plan.pruned)
   for s in plan.schedules:

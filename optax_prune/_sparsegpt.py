@@ -154,6 +154,7 @@ def sparsegpt(
       needs one.
     sparsity: a number in [0, 1], a pytree of those (``None``: not pruned)
       whose structure is a prefix of the params, or :func:`by_path` rules.
+      Every pruned leaf is pruned to its own sparsity (uniform: no ERK).
     compare: ``"block"``, ``"output"`` or ``"leaf"``: the entries ranked
       together (see above).
     where: which leaves are pruned, as for :func:`magnitude_pruning` (by
@@ -197,7 +198,7 @@ def sparsegpt(
   _check_granularity(granularity, compare, blocksize)
   config, _, _ = _transform.pruning_setup(
       sparsity, where=where, scope="layer", threshold="auto", granularity=granularity,
-      distribution=None, score="magnitude", seed=0, layer_axis=None)
+      distribution="uniform", score="magnitude", seed=0, layer_axis=None)
   plan = _plan.make_plan(config, params)
   leaves = plan.treedef.flatten_up_to(params)
   jobs = _jobs(plan, hessians)

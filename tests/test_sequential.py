@@ -36,7 +36,7 @@ def _by_hand(params, batches, method, **options):
   for name in ("layers_0", "layers_1", "layers_2"):
     block = params[name]
     if method == "magnitude":
-      block, masks[name] = optax_prune.prune(block, 0.5)
+      block, masks[name] = optax_prune.prune(block, 0.5, distribution="uniform")
     elif method == "wanda":
       norms = optax_prune.input_norms(_block, block, xs)
       block, masks[name] = optax_prune.prune(block, 0.5, input_norms=norms, compare="output")
