@@ -15,7 +15,10 @@ import optax
 
 from optax_prune import _activations
 from optax_prune import _checks
+from optax_prune import _config
+from optax_prune import _granularity
 from optax_prune import _oneshot
+from optax_prune import _paths
 from optax_prune import _plan
 from optax_prune import _sparsegpt
 from optax_prune import _transform
@@ -88,7 +91,9 @@ def prune_sequential(
       ``"output"`` as Wanda does, ``"block"``).
     where: which leaves are pruned (over the whole params), as for
       :func:`magnitude_pruning`.
-    granularity: passed on (e.g. :func:`n_of_m` for 2:4).
+    granularity: passed on (e.g. :func:`n_of_m` for 2:4); a pytree or
+      :func:`by_path` rules are resolved over the whole params, like
+      ``sparsity``.
     blocksize, dampening: for ``"sparsegpt"``, as for :func:`sparsegpt`.
 
   Returns:
@@ -120,6 +125,11 @@ def prune_sequential(
     for leaf in s.leaves:
       fractions[leaf.index] = float(s.schedule(0).sparsity)
   fractions = plan.treedef.unflatten(fractions)
+  granularities = None  # Resolved over the whole params too: one per leaf.
+  if granularity is not None:
+    per_leaf = _paths.per_leaf(granularity, params, _config.is_granularity_leaf, "granularity")
+    granularities = plan.treedef.unflatten(
+        [_granularity.unstructured() if g is None else g for g in per_leaf])
   masks = jax.tree.map(lambda _: optax.MaskedNode(), params)
   xs = list(batches)
   for keys, fn in blocks:
@@ -127,7 +137,8 @@ def prune_sequential(
     block_sparsity = _get(fractions, keys)
     chosen = jax.tree.map(lambda s: s is not None, block_sparsity, is_leaf=lambda s: s is None)
     if any(jax.tree.leaves(chosen)):
-      options = dict(where=chosen, compare=compare, granularity=granularity)
+      options = dict(where=chosen, compare=compare,
+                     granularity=None if granularities is None else _get(granularities, keys))
       if method == "magnitude":
         block, block_masks = _oneshot.prune(block, block_sparsity, **options)
       elif method == "wanda":

@@ -26,6 +26,7 @@ from jax import lax
 
 from optax_prune import _activations
 from optax_prune import _checks
+from optax_prune import _config
 from optax_prune import _distributions
 from optax_prune import _granularity
 from optax_prune import _oneshot
@@ -161,8 +162,8 @@ def sparsegpt(
       default the ``kernel`` leaves).
     granularity: None (unstructured) or :func:`n_of_m`, whose ``axis`` must be
       the leaf's last input axis (``0`` for a ``Dense`` kernel, ``1`` for an
-      attention output kernel ``(heads, head_dim, out)``), or :func:`by_path`
-      rules of those.
+      attention output kernel ``(heads, head_dim, out)``), or a pytree (a
+      prefix of the params) or :func:`by_path` rules of those.
     blocksize: input features per block, an integer >= 1 (a multiple of
       ``m`` with N:M).
     dampening: :math:`\lambda`, a finite number > 0: the fraction of the mean
@@ -210,10 +211,8 @@ def sparsegpt(
 
 
 def _check_granularity(granularity: Any, compare: str, blocksize: int) -> None:
-  """None, ``n_of_m`` or ``by_path`` rules of those (None: unstructured)."""
-  values = (granularity.values() if isinstance(granularity, _paths.PathRules)
-            else [granularity])
-  for value in values:
+  """None, ``n_of_m``, or a pytree or ``by_path`` rules of those (None: unstructured)."""
+  for value in _paths.spec_values(granularity, _config.is_granularity_leaf):
     if value is None or isinstance(value, _granularity.Unstructured):
       continue
     if not isinstance(value, _granularity.NOfM):

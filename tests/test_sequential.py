@@ -88,8 +88,10 @@ def test_nested_keys_path_rules_and_two_of_four():
   blocks = [(("encoder", "layers_0"), _block), (["encoder", "layers_1"], _block)]
   sparsity = optax_prune.by_path({r"\['down'\]": 1.0}, default=None)
   nm = optax_prune.n_of_m(2, 4, axis=0)
-  got, masks = optax_prune.prune_sequential(nested, blocks, batches, sparsity, granularity=nm,
-                                            blocksize=8)
+  # Rules over the whole params: this one matches a leaf of the second block only.
+  granularity = optax_prune.by_path({r"layers_1.*\['down'\]": nm}, default=nm)
+  got, masks = optax_prune.prune_sequential(nested, blocks, batches, sparsity,
+                                            granularity=granularity, blocksize=8)
   for name in ("layers_0", "layers_1"):
     keep = np.asarray(masks["encoder"][name]["down"]["kernel"])
     assert (keep.reshape(8, 4, 16).sum(1) == 2).all()
