@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +148,13 @@ def sparsegpt(
   Unlike :func:`prune`, kept weights change: the bit-for-bit guarantee on
   kept weights does not apply. Pruned entries are exactly 0; a kept entry of
   an unseen input feature is 0 too.
+
+  A leaf placed on a mesh split along its (first) output axis only, as
+  tensor-parallel ``Dense`` kernels are, is swept shard by shard with
+  ``shard_map``: each device updates its own columns with the replicated
+  Hessian, and the block and leaf masks are chosen across devices from
+  counts only (same masks and weights as on one device). Other placements
+  are left to XLA.
 
   Args:
     params: the trained params.
@@ -286,13 +293,44 @@ def _prune_leaf(x, hessian, fraction, compare, nm, blocksize, dampening):
   else:
     sizes = [k if compare == "output" else k * o]
   counts = _distributions.prune_count(jnp.float32(fraction), sizes).astype(jnp.int32)
-  new, keep = _sweep(w, jnp.asarray(hessian.matrix, dtype), counts, jnp.asarray(dampening, dtype),
-                     compare=compare, nm=None if nm is None else (nm.n, nm.m),
-                     blocksize=blocksize)
+  options = dict(compare=compare, nm=None if nm is None else (nm.n, nm.m), blocksize=blocksize)
+  split = _output_split(x, order, len(order) - len(outputs))
+  sweep = (functools.partial(_sweep, **options) if split is None
+           else sharded_sweep(*split, **options))
+  new, keep = sweep(w, jnp.asarray(hessian.matrix, dtype), counts, jnp.asarray(dampening, dtype))
   back = np.argsort(order)
   unflat = tuple(shape[a] for a in order)
   return (jnp.transpose(new.reshape(unflat), back).astype(x.dtype),
           jnp.transpose(keep.reshape(unflat), back))
+
+
+def _output_split(x: Any, order: tuple, inputs: int) -> Optional[tuple]:
+  """``(mesh, mesh axes)`` when ``x`` is split along its first output axis
+  only (so each device holds whole columns of the ``(in, out)`` view, in
+  order); None otherwise (one device, or a split the sweep leaves to XLA)."""
+  sharding = getattr(x, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding) or len(order) == inputs:
+    return None
+  spec = tuple(sharding.spec) + (None,) * (len(order) - len(sharding.spec))
+  split = [spec[a] for a in order]
+  names = split[inputs]
+  if names is None or any(n is not None for i, n in enumerate(split) if i != inputs):
+    return None
+  return sharding.mesh, names
+
+
+@functools.lru_cache(maxsize=32)
+def sharded_sweep(mesh: Any, names: Any, **options) -> Callable:
+  """The sweep of ``(in, out)`` weights split along ``out`` over ``names``:
+  every device sweeps its own columns (the Hessian replicated). Columns are
+  independent but for the block and leaf masks, which are chosen across the
+  devices from counts (``_smallest_split``): no weights cross devices."""
+  names = tuple(names) if isinstance(names, (tuple, list)) else names
+  columns = jax.sharding.PartitionSpec(None, names)
+  rest = jax.sharding.PartitionSpec()
+  fn = functools.partial(_sweep, axis=names, **options)
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(columns, rest, rest, rest),
+                               out_specs=(columns, columns), check_vma=False))
 
 
 def _keys(scores: jax.Array, valid: jax.Array) -> jax.Array:
@@ -301,11 +339,49 @@ def _keys(scores: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(valid[:, None], keys, jnp.array(jnp.iinfo(keys.dtype).max, keys.dtype))
 
 
-def _smallest(keys: jax.Array, count: jax.Array) -> jax.Array:
-  """True at the ``count`` smallest keys (stable: lower position first)."""
+def _smallest(keys: jax.Array, count: jax.Array, axis: Any = None) -> jax.Array:
+  """True at the ``count`` smallest keys (stable: lower position first).
+
+  With ``axis`` (inside ``shard_map``), ``keys`` is this device's block of
+  columns of a matrix split along its columns over ``axis``, and the choice
+  is made over the whole matrix, positions in its row-major order.
+  """
+  if axis is not None:
+    return _smallest_split(keys, count, axis)
   order = jnp.argsort(keys.reshape(-1), stable=True)
   flat = jnp.zeros(keys.size, bool).at[order].set(jnp.arange(keys.size) < count)
   return flat.reshape(keys.shape)
+
+
+def _smallest_split(keys: jax.Array, count: jax.Array, axis: Any) -> jax.Array:
+  """``_smallest`` over the devices of ``axis``, each holding columns ``keys``.
+
+  The ``count``-th smallest key ``v`` is found bit by bit (the smallest ``v``
+  with ``#{keys <= v} >= count``: one summed count per bit); every key below
+  ``v`` is chosen, and of the keys equal to ``v`` the first ones in row-major
+  order of the whole matrix (rows, then devices in order, then local
+  columns), from per-row tie counts gathered across devices. Only counts
+  cross devices.
+  """
+  bits = keys.dtype.itemsize * 8
+  one = jnp.ones((), keys.dtype)
+  psum = lambda x: lax.psum(jnp.sum(x, dtype=jnp.int32), axis)
+
+  def step(b, prefix):
+    bit = jnp.left_shift(one, (bits - 1 - b).astype(keys.dtype))
+    enough = psum(keys <= (prefix | (bit - one))) >= count  # This bit 0 suffices.
+    return jnp.where(enough, prefix, prefix | bit)
+
+  v = lax.fori_loop(0, bits, step, jnp.zeros((), keys.dtype))
+  below = keys < v
+  ties = keys == v
+  left = count - psum(below)  # Ties still to prune.
+  every = lax.all_gather(jnp.sum(ties, axis=1, dtype=jnp.int32), axis)  # (devices, rows)
+  per_row = jnp.sum(every, axis=0)
+  mine = jnp.arange(every.shape[0]) < lax.axis_index(axis)
+  before = (jnp.cumsum(per_row) - per_row) + jnp.sum(jnp.where(mine[:, None], every, 0), axis=0)
+  rank = before[:, None] + jnp.cumsum(ties, axis=1, dtype=jnp.int32) - ties
+  return below | (ties & (rank < left))
 
 
 def _smallest_per_column(keys: jax.Array, count: jax.Array) -> jax.Array:
@@ -314,8 +390,8 @@ def _smallest_per_column(keys: jax.Array, count: jax.Array) -> jax.Array:
   return ranks < count
 
 
-@functools.partial(jax.jit, static_argnames=("compare", "nm", "blocksize"))
-def _sweep(w, h, counts, dampening, *, compare, nm, blocksize):
+@functools.partial(jax.jit, static_argnames=("compare", "nm", "blocksize", "axis"))
+def _sweep(w, h, counts, dampening, *, compare, nm, blocksize, axis=None):
   """SparseGPT on ``w`` of shape ``(k, o)``: ``(new w, keep-mask)``.
 
   ``counts``: entries pruned per block (``"block"``), per output
@@ -345,7 +421,7 @@ def _sweep(w, h, counts, dampening, *, compare, nm, blocksize):
   # 3. Masks chosen before the sweep ("output", "leaf").
   pruned = jnp.zeros((padded, o), bool)
   if nm is None and compare == "leaf":
-    pruned = _smallest(_keys(score(w, d), valid), counts[0])
+    pruned = _smallest(_keys(score(w, d), valid), counts[0], axis)
   elif nm is None and compare == "output":
     pruned = _smallest_per_column(_keys(score(w, d), valid), counts[0])
 
@@ -373,7 +449,8 @@ def _sweep(w, h, counts, dampening, *, compare, nm, blocksize):
     w1 = lax.dynamic_slice_in_dim(w, start, b, 0)
     p1 = lax.dynamic_slice_in_dim(pruned, start, b, 0)
     if nm is None and compare == "block":
-      p1 = _smallest(_keys(score(w1, d1), lax.dynamic_slice_in_dim(valid, start, b)), counts[j])
+      p1 = _smallest(_keys(score(w1, d1), lax.dynamic_slice_in_dim(valid, start, b)), counts[j],
+                     axis)
     w1, p1, err1, _, _ = lax.fori_loop(
         0, b, column, (w1, p1, jnp.zeros((b, o), dtype), u1, d1))
     # The lazy update of the rows after the block (rows before it meet zeros of U).

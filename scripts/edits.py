@@ -71,7 +71,8 @@ TESTS = {
     "_compact.py": ("tests/test_compact.py", "optax_prune/_compact.py"),
     "_small_model.py": ("tests/test_small_model.py", "tests/test_coupling.py",
                         "optax_prune/_coupling.py"),
-    "_sparsegpt.py": ("tests/test_sparsegpt.py", "optax_prune/_sparsegpt.py"),
+    "_sparsegpt.py": ("tests/test_sparsegpt.py", "optax_prune/_sparsegpt.py",
+                      "tests/test_sharding.py"),
     "_sequential.py": ("tests/test_sequential.py", "optax_prune/_sequential.py"),
 }
 
@@ -603,6 +604,10 @@ EDITS: list[Edit] = [
          "      p1 = jnp.where(i % m == 0, chosen, p1)\n",
          "      p1 = chosen\n",
          "N:M groups are chosen when the sweep reaches their first feature, m apart"),
+        ("sparsegpt-split-ties-ignore-devices",
+         "  before = (jnp.cumsum(per_row) - per_row) + jnp.sum(jnp.where(mine[:, None], every, 0), axis=0)\n",
+         "  before = jnp.cumsum(per_row) - per_row\n",
+         "on a kernel split along its outputs, tied keys go in row-major order across devices"),
     ),
     # ---- _sequential.py: block-by-block calibration.
     *_edits(
