@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +199,10 @@ def sparsegpt(
     Frantar & Alistarh, `SparseGPT: Massive Language Models Can Be Accurately
     Pruned in One-Shot <https://arxiv.org/abs/2301.00774>`_, 2023.
   """
+  if not isinstance(hessians, Mapping):
+    raise ValueError(
+        "`hessians` must be a dict `{path: Hessian}`, as `hessians(fn, params, batches)`"
+        f" returns; got {type(hessians).__name__}.")
   _oneshot.check_sparsity(sparsity)
   _checks.one_of("compare", compare, COMPARE)
   blocksize = _checks.integer("blocksize", blocksize, 1)

@@ -171,6 +171,8 @@ def test_bad_arguments_name_the_argument_and_the_range():
     with pytest.raises(ValueError, match=message):
       _run(w, h, options.pop("sparsity"), **options)
   params = {"kernel": jnp.asarray(w)}
+  with pytest.raises(ValueError, match="`hessians` must be a dict"):
+    optax_prune.sparsegpt(params, [h], 0.5)
   with pytest.raises(ValueError, match="has no Hessian for the pruned leaves"):
     optax_prune.sparsegpt(params, {}, 0.5)
   with pytest.raises(ValueError, match="has shape \\(4, 4\\)"):
