@@ -194,3 +194,20 @@ def test_path_rules_choose_each_leafs_n_of_m_axis():
   assert (np.asarray(masks["query"]["kernel"]).reshape(2, 4, 8).sum(1) == 2).all()
   optax_prune.to_nm(new["query"]["kernel"], masks["query"]["kernel"], NM)
   assert isinstance(masks["head"]["kernel"], optax.MaskedNode)
+
+
+def test_a_weight_used_twice_sums_both_inputs_convs_are_absent_and_bf16_kernels_stay_bf16():
+  x = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+  y = np.cos(np.arange(8, dtype=np.float32)).reshape(2, 4)
+  fn = lambda p, b: jnp.sum(b[0] @ p["w"]) + jnp.sum(jnp.tanh(b[1]) @ p["w"]) + jnp.sum(
+      jax.lax.conv_general_dilated(b[2], p["k"], (1, 1), "SAME"))
+  images = jnp.ones((1, 2, 3, 3))
+  params = {"w": jnp.ones((4, 4), jnp.bfloat16), "k": jnp.ones((3, 2, 1, 1))}
+  hess = optax_prune.hessians(fn, params, [(x, y, images), (x, y, images)])
+  assert set(hess) == {"['w']"}
+  t = np.tanh(y.astype(np.float64))
+  want = 2 * (x.T.astype(np.float64) @ x + t.T @ t)
+  np.testing.assert_allclose(hess["['w']"].matrix, want, rtol=1e-5)
+  new, masks = optax_prune.sparsegpt(params, hess, 0.5, where=lambda path, leaf: leaf.ndim == 2)
+  assert new["w"].dtype == jnp.bfloat16 and (~masks["w"]).sum() == 8
+  assert (np.asarray(new["w"], np.float32)[~np.asarray(masks["w"])] == 0).all()
