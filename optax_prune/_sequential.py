@@ -115,6 +115,12 @@ def prune_sequential(
   _oneshot.check_sparsity(sparsity)
   blocks = _checked_blocks(params, blocks)
   compare = _COMPARE[method] if compare is None else compare
+  # Checked now, not after the first block's statistics are collected.
+  _checks.one_of("compare", compare,
+                 _sparsegpt.COMPARE if method == "sparsegpt" else _oneshot.COMPARE)
+  if method == "sparsegpt":
+    _checks.integer("blocksize", blocksize, 1)
+    _checks.positive_number("dampening", dampening)
   # Which leaves are pruned, at what sparsity: decided over the whole params.
   config, _, _ = _transform.pruning_setup(
       sparsity, where=where, scope="layer", threshold="auto", granularity=None,

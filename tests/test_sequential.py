@@ -110,3 +110,11 @@ def test_bad_arguments_name_the_argument():
     optax_prune.prune_sequential(params, BLOCKS[:1], batches, 0.5, method="obs")
   with pytest.raises(ValueError, match="`sparsity` must be in"):
     optax_prune.prune_sequential(params, BLOCKS[:1], batches, 2.0)
+  # Before any block's statistics: a fn that cannot run is never called.
+  broken = [("layers_0", lambda p, x: 1 / 0)]
+  with pytest.raises(ValueError, match="`compare` must be one of \\('leaf', 'output'\\)"):
+    optax_prune.prune_sequential(params, broken, batches, 0.5, method="wanda", compare="block")
+  with pytest.raises(ValueError, match="`blocksize` must be an integer >= 1"):
+    optax_prune.prune_sequential(params, broken, batches, 0.5, blocksize=0)
+  with pytest.raises(ValueError, match="`dampening` must be a finite number > 0"):
+    optax_prune.prune_sequential(params, broken, batches, 0.5, dampening=-1.0)
