@@ -41,6 +41,10 @@ from optax_prune._schedules import polynomial_schedule
 from optax_prune._schedules import PruningSchedule
 from optax_prune._schedules import PruningTarget
 from optax_prune._sensitivity import sensitivity
+from optax_prune._sequential import prune_sequential
+from optax_prune._sparsegpt import Hessian
+from optax_prune._sparsegpt import hessians
+from optax_prune._sparsegpt import sparsegpt
 from optax_prune._sensitivity import SensitivityReport
 from optax_prune._sensitivity import sparsities_for_budget
 from optax_prune._sparse import rigl
@@ -72,6 +76,7 @@ __all__ = (
     "CompactNMLeaf",
     "ExportSizeReport",
     "Granularity",
+    "Hessian",
     "InputNorm",
     "LeafExportSize",
     "LeafSparsity",
@@ -96,6 +101,7 @@ __all__ = (
     "export_size_report",
     "find_pruning_state",
     "from_optax_schedule",
+    "hessians",
     "input_norms",
     "keep_masks",
     "load_compact",
@@ -107,6 +113,7 @@ __all__ = (
     "nm_matmul",
     "polynomial_schedule",
     "prune",
+    "prune_sequential",
     "pruning_metrics",
     "rigl",
     "sensitivity",
@@ -114,6 +121,7 @@ __all__ = (
     "set_training",
     "shrink",
     "shrink_module",
+    "sparsegpt",
     "sparsities_for_budget",
     "sparsity_summary",
     "static_sparse",

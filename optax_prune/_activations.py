@@ -10,7 +10,7 @@ model (flax linen, nnx, plain functions), whatever activation comes before.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -71,22 +71,7 @@ def input_norms(fn: Callable[..., Any], params: Any, batches: Iterable[Any]) -> 
     >>> norms["['w']"].output_axes, norms["['w']"].norm.shape
     ((1,), (3, 1))
   """
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  leaves = [x for _, x in path_leaves]
-  found: dict[int, tuple] = {}  # Leaf index -> (contracting axes, output axes).
-
-  def sums(flat, batch):
-    closed = jax.make_jaxpr(lambda f, b: fn(treedef.unflatten(f), b))(flat, batch)
-    owner = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(flat)])}
-    totals: dict[int, jax.Array] = {}
-    _walk(closed.jaxpr, closed.consts, [*flat, *jax.tree.leaves(batch)], owner, totals, found)
-    return totals
-
-  run = jax.jit(sums)
-  totals: dict[int, np.ndarray] = {}
-  for batch in batches:
-    for i, value in run(leaves, batch).items():
-      totals[i] = totals.get(i, 0.0) + np.asarray(value, np.float64)
+  path_leaves, leaves, found, totals, _ = _collect(fn, params, batches, _NORMS)
   out = {}
   for i, total in totals.items():
     contracting, outputs = found[i]
@@ -98,7 +83,58 @@ def input_norms(fn: Callable[..., Any], params: Any, batches: Iterable[Any]) -> 
   return out
 
 
-def _walk(jaxpr, consts, args, owner, totals, found) -> list:
+class _Statistic(NamedTuple):
+  """What is recorded of the operand ``x`` that meets a weight.
+
+  ``dot(x, k)``: ``x`` with its contracting axes last, in the order of the
+  weight's input axes, ``k`` of them; ``conv`` the same for a convolution's
+  input (channels last), or None to record nothing there.
+  """
+
+  dot: Callable[[jax.Array, int], jax.Array]
+  conv: Optional[Callable[[jax.Array, int], jax.Array]]
+
+
+def _sum_squares(x: jax.Array, k: int) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return jnp.sum(x * x, axis=tuple(range(x.ndim - k)))
+
+
+_NORMS = _Statistic(_sum_squares, _sum_squares)
+
+
+def _collect(fn: Callable[..., Any], params: Any, batches: Iterable[Any],
+             statistic: _Statistic) -> tuple:
+  """Evaluates ``fn``'s jaxpr on each batch, summing ``statistic`` of each
+  weight's input over the batches (float64 on the host).
+
+  Returns ``(path_leaves, leaves, found, totals, dtypes)``: ``found[i]`` the
+  (input axes, output axes) of leaf ``i``, ``totals[i]`` its summed
+  statistic, ``dtypes[i]`` the dtype the device computed it in.
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [x for _, x in path_leaves]
+  found: dict[int, tuple] = {}  # Leaf index -> (contracting axes, output axes).
+
+  def sums(flat, batch):
+    closed = jax.make_jaxpr(lambda f, b: fn(treedef.unflatten(f), b))(flat, batch)
+    owner = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(flat)])}
+    totals: dict[int, jax.Array] = {}
+    _walk(closed.jaxpr, closed.consts, [*flat, *jax.tree.leaves(batch)], owner, totals, found,
+          statistic)
+    return totals
+
+  run = jax.jit(sums)
+  totals: dict[int, np.ndarray] = {}
+  dtypes: dict[int, Any] = {}
+  for batch in batches:
+    for i, value in run(leaves, batch).items():
+      totals[i] = totals.get(i, 0.0) + np.asarray(value, np.float64)
+      dtypes[i] = value.dtype
+  return path_leaves, leaves, found, totals, dtypes
+
+
+def _walk(jaxpr, consts, args, owner, totals, found, statistic) -> list:
   env = {}
   read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]
   for v, x in zip(jaxpr.constvars, consts):
@@ -113,12 +149,12 @@ def _walk(jaxpr, consts, args, owner, totals, found) -> list:
     if sub is not None:
       body, body_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, ())
       inner = {v: o for v, o in zip(body.invars, owners) if o is not None}
-      outs = _walk(body, body_consts, invals, inner, totals, found)
+      outs = _walk(body, body_consts, invals, inner, totals, found, statistic)
     else:
       if name == "dot_general":
-        _record_dot(eqn, invals, owners, totals, found)
+        _record_dot(eqn, invals, owners, totals, found, statistic)
       elif name == "conv_general_dilated":
-        _record_conv(eqn, invals, owners, totals, found)
+        _record_conv(eqn, invals, owners, totals, found, statistic)
       bound = eqn.primitive.get_bind_params(eqn.params)
       # (subfuns, params) before JAX 0.8, params alone since.
       subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
@@ -138,26 +174,31 @@ def _add(totals, found, i, total, contracting, outputs):
   totals[i] = totals[i] + total if i in totals else total
 
 
-def _record_dot(eqn, invals, owners, totals, found):
+def _record_dot(eqn, invals, owners, totals, found, statistic):
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   for w, x, wc, xc, wb in ((1, 0, rc, lc, rb), (0, 1, lc, rc, lb)):
     i = owners[w]
     if i is None or owners[x] is not None or wb:
       continue
-    value = invals[x].astype(jnp.float32)
+    value = invals[x]
+    # The weight's input axes in its own order, and the operand's axes they meet.
+    inputs = tuple(sorted(wc))
+    meets = tuple(xc[list(wc).index(a)] for a in inputs)
     others = tuple(a for a in range(value.ndim) if a not in xc)
-    total = jnp.transpose(jnp.sum(value * value, axis=others),
-                          np.argsort(np.argsort(xc)))  # In the order of `xc`.
+    total = statistic.dot(jnp.transpose(value, others + meets), len(meets))
     outputs = tuple(a for a in range(invals[w].ndim) if a not in wc)
-    _add(totals, found, i, total, tuple(wc), outputs)
+    _add(totals, found, i, total, inputs, outputs)
 
 
-def _record_conv(eqn, invals, owners, totals, found):
+def _record_conv(eqn, invals, owners, totals, found, statistic):
   i = owners[1]
   if i is None or owners[0] is not None or eqn.params["feature_group_count"] != 1:
     return
+  if statistic.conv is None:
+    return
   lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
-  value = invals[0].astype(jnp.float32)
+  value = invals[0]
   feature = lhs_spec[1]
-  total = jnp.sum(value * value, axis=tuple(a for a in range(value.ndim) if a != feature))
+  others = tuple(a for a in range(value.ndim) if a != feature)
+  total = statistic.conv(jnp.transpose(value, others + (feature,)), 1)
   _add(totals, found, i, total, (rhs_spec[1],), (rhs_spec[0],))

@@ -103,15 +103,7 @@ def prune(
     Array([[0. , 0. ],
            [0.3, 4. ]], dtype=float32)
   """
-  values = _paths.spec_values(sparsity, _config.is_schedule_leaf)
-  for value in values:
-    if value is not None and not _checks.is_number(value):
-      raise ValueError(
-          "`sparsity` must be a number in [0, 1], a pytree of those (None: not"
-          " pruned) or `by_path` rules; schedules belong to"
-          f" `magnitude_pruning`. Got {value!r}.")
-    if value is not None:
-      _checks.fraction("sparsity", value)
+  check_sparsity(sparsity)
   _checks.one_of("compare", compare, COMPARE)
   if compare == "output" and (granularity is not None or scope != "layer"
                               or distribution not in (None, "uniform")):
@@ -162,6 +154,18 @@ def prune(
   pruned = [jnp.where(m, x, jnp.zeros((), x.dtype)) if p else x
             for m, x, p in zip(mask_leaves, leaves, plan.pruned)]
   return plan.treedef.unflatten(pruned), masks
+
+
+def check_sparsity(sparsity: Any) -> None:
+  """One-shot sparsities: numbers in [0, 1], pytrees of those, `by_path` rules."""
+  for value in _paths.spec_values(sparsity, _config.is_schedule_leaf):
+    if value is not None and not _checks.is_number(value):
+      raise ValueError(
+          "`sparsity` must be a number in [0, 1], a pytree of those (None: not"
+          " pruned) or `by_path` rules; schedules belong to"
+          f" `magnitude_pruning`. Got {value!r}.")
+    if value is not None:
+      _checks.fraction("sparsity", value)
 
 
 # Jitted mask updates by the value of their config: calls with equal options

@@ -135,3 +135,57 @@ def drop_and_grow(old, w, grow, fraction, regrow_dropped=True):
   new = after.copy()
   new[order[len(order) - d:]] = True
   return new, dropped
+
+
+def sparsegpt(w, h, sparsity, blocksize, compare="block", nm=None, dampening=0.01):
+  """SparseGPT on ``w`` (in, out) with Hessian ``h`` (in, in), in float64 loops.
+
+  As Frantar & Alistarh's reference code (transposed: rows are inputs), with
+  exact counts: round(s * n) of each block's n entries (``"block"``), of each
+  column (``"output"``) or of the leaf (``"leaf"``), by w^2 / U_jj^2 with
+  U the upper Cholesky factor of H^-1, stable (lower row-major position
+  first); ``nm=(n, m)``: at every m-th row the m - n smallest of each
+  column's group go. Returns ``(new w, keep-mask)``.
+  """
+  w = np.array(w, np.float64)
+  h = np.array(h, np.float64)
+  k, o = w.shape
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1.0
+  w[dead, :] = 0.0
+  h += dampening * np.mean(np.diag(h)) * np.eye(k)
+  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  d = np.diag(u)
+
+  def smallest(scores, count):
+    out = np.zeros(scores.size, bool)
+    out[np.argsort(scores.reshape(-1), kind="stable")[:count]] = True
+    return out.reshape(scores.shape)
+
+  pruned = np.zeros((k, o), bool)
+  scores = w ** 2 / d[:, None] ** 2
+  if compare == "leaf":
+    pruned = smallest(scores, prune_count(sparsity, k * o))
+  elif compare == "output":
+    for j in range(o):
+      pruned[:, j] = smallest(scores[:, j], prune_count(sparsity, k))
+  for i1 in range(0, k, blocksize):
+    i2 = min(i1 + blocksize, k)
+    w1 = w[i1:i2].copy()
+    err1 = np.zeros_like(w1)
+    if compare == "block" and nm is None:
+      pruned[i1:i2] = smallest(w1 ** 2 / d[i1:i2, None] ** 2, prune_count(sparsity, w1.size))
+    for i in range(i2 - i1):
+      if nm is not None and i % nm[1] == 0:
+        n, m = nm
+        for j in range(o):
+          group = w1[i:i + m, j] ** 2 / d[i1 + i:i1 + i + m] ** 2
+          pruned[i1 + i:i1 + i + m, j] = smallest(group, m - n)
+      q = np.where(pruned[i1 + i], 0.0, w1[i])
+      err = (w1[i] - q) / u[i1 + i, i1 + i]
+      w1[i:] -= np.outer(u[i1 + i, i1 + i:i2], err)
+      w1[i] = q
+      err1[i] = err
+    w[i1:i2] = w1
+    w[i2:] -= u[i1:i2, i2:].T @ err1
+  return w, ~pruned

@@ -100,6 +100,7 @@ def check_names() -> list[str]:
   names += [f"structured-explicit-{g}" for g in STRUCTURED]
   names += [f"packed-masks-{a}" for a in AXES]
   names += [f"prune-one-shot-{a}" for a in AXES]
+  names += [f"sparsegpt-{c}-{a}" for a in AXES for c in sparsegpt_configs(a)]
   names += [f"{check}-{method}-{a}" for a in AXES for method in SPARSE_TRAINING
             for check in ("sparse-training", "no-gather")]
   for config in config_names():
@@ -575,6 +576,74 @@ def check_prune(results: Results, axes: str):
     results.record_error([name])
 
 
+# SparseGPT on a kernel split along its outputs: (compare, N:M, sparsity).
+SPARSEGPT = {"block": ("block", None, 0.5), "leaf": ("leaf", None, 0.37),
+             "output": ("output", None, 0.5), "2of4": ("block", (2, 4), 1.0)}
+SPARSEGPT_SPECS = {"model": P(None, "model"), "all": P(None, ("data", "model"))}
+
+
+def sparsegpt_configs(axes: str) -> list[str]:
+  """Under Auto axes only the masks chosen across devices (the check takes
+  about 40 s in all; every configuration runs with Explicit axes)."""
+  return [c for c in SPARSEGPT if axes == "explicit" or c in ("block", "leaf")]
+
+
+def check_sparsegpt(results: Results, axes: str):
+  """`sparsegpt` on a (40, 256) kernel split along its outputs over 4 and 8
+  devices: masks and weights equal to one device bit for bit, the result
+  placed like the kernel, and only counts cross devices (the block and leaf
+  masks are chosen from summed counts and per-row tie counts)."""
+  from optax_prune import _sparsegpt  # pylint: disable=import-outside-toplevel
+
+  names = [f"sparsegpt-{c}-{axes}" for c in sparsegpt_configs(axes)]
+  try:
+    rng = np.random.default_rng(0)
+    w = np.round(rng.standard_normal((40, 256)).astype(np.float32) * 2) / 2  # Ties.
+    x = rng.standard_normal((96, 40)).astype(np.float32)
+    x[:, 5] = 0.0  # An unseen input.
+    hessians = {"['kernel']": optax_prune.Hessian(x.T @ x, (1,))}
+    mesh = make_mesh(axes)
+    for name, config in zip(names, sparsegpt_configs(axes)):
+      compare, nm, sparsity = SPARSEGPT[config]
+      granularity = None if nm is None else optax_prune.n_of_m(*nm, axis=0)
+      run = lambda p: optax_prune.sparsegpt(p, hessians, sparsity, compare=compare,
+                                            granularity=granularity, blocksize=16)
+      one_w, one_m = run({"kernel": jax.device_put(w, jax.devices()[0])})
+      problems = []
+      # Both placements for the block masks, all 8 devices for the others.
+      specs = SPARSEGPT_SPECS if config == "block" else {"all": SPARSEGPT_SPECS["all"]}
+      for label, spec in specs.items():
+        with mesh_context(mesh, axes):
+          placed_w = jax.device_put(w, NamedSharding(mesh, spec))
+          got_w, got_m = run({"kernel": placed_w})
+          hits = _sparsegpt.sharded_sweep.cache_info().hits
+          sweep = _sparsegpt.sharded_sweep(mesh, spec[1], compare=compare, nm=nm, blocksize=16)
+          if _sparsegpt.sharded_sweep.cache_info().hits != hits + 1:
+            problems.append(f"{label}: sparsegpt did not sweep shard by shard")
+          counts = jnp.zeros(3 if compare == "block" else 1, jnp.int32)
+          hlo = sweep.lower(placed_w, jnp.asarray(x.T @ x), counts,
+                            jnp.float32(0.01)).compile().as_text()
+        if not np.array_equal(np.asarray(got_m["kernel"]), np.asarray(one_m["kernel"])):
+          problems.append(f"{label}: masks differ from one device")
+        if not np.array_equal(np.asarray(got_w["kernel"]), np.asarray(one_w["kernel"])):
+          problems.append(f"{label}: weights differ from one device")
+        for leaf in (got_w["kernel"], got_m["kernel"]):
+          if not leaf.sharding.is_equivalent_to(placed_w.sharding, 2):
+            problems.append(f"{label}: result placed {leaf.sharding}, not {placed_w.sharding}")
+        # Counts only: at most the per-row tie counts of 8 devices over the 48
+        # padded rows ("leaf"); the kernel's shards hold 40 x 32 or 40 x 64.
+        moved = [(op, t) for op, t in collectives(hlo)
+                 if not (re.fullmatch(r"\(?(s32|u32)\[[0-9,]*\](\{[0-9,]*\})?\)?", t.strip())
+                         and elements(t) <= 8 * 48)]
+        if moved:
+          problems.append(f"{label}: moves more than counts: {moved[:3]}")
+        if (compare == "output" or nm is not None) and collectives(hlo):
+          problems.append(f"{label}: columns are independent, yet {collectives(hlo)[:3]}")
+      results.record(name, problems)
+  except Exception:  # pylint: disable=broad-except
+    results.record_error(names)
+
+
 def check_memory(results: Results):
   """Per-device temporaries of a bisect update shrink with the shard."""
   from benchmarks import sharded_memory  # pylint: disable=import-outside-toplevel
@@ -617,6 +686,7 @@ def run_mesh_checks(out_path: str):
   for axes in AXES:
     check_packed(results, axes, one_device["layer"], compiles)
     check_prune(results, axes)
+    check_sparsegpt(results, axes)
     for method in SPARSE_TRAINING:
       check_sparse_training(results, axes, method)
   results.info["seconds"] = round(time.perf_counter() - start, 1)
