@@ -4,7 +4,7 @@ Run as ``python -m benchmarks.shrink_resnet50`` (224x224x3 inputs, batch 8,
 1000 classes, ``--repeats`` timed passes) or with ``--quick`` (32x32 inputs,
 batch 2, 2 repeats, and ``TinyResNet``, the same code at two stages of one
 block and an eighth of the widths: each ``prune`` call compiles its mask
-update, 25-70 s for ResNet-50 on a shared 2-core CPU, 5-7 s for this one).
+update, 17-70 s for ResNet-50 on a shared 2-core CPU, 5-7 s for this one).
 The model is a flax linen
 ResNet-50 (bottleneck blocks, BatchNorm in inference mode, projection
 shortcuts, stages of 3/4/6/3 blocks) whose widths, 64 to 2048, are numbers
