@@ -18,6 +18,9 @@ python3 -m benchmarks.step_overhead --sparse-training --repeats 200 --batch-size
 # Shrunk models: forward time of the dense and the channel-pruned, shrunk models (short training).
 python3 -m benchmarks.shrink --quick --repeats 50 \
   --out "$OUT/shrink_gpu.json" --plot "$OUT/shrink_gpu.png" 2>&1 | grep -v 'it/s\|s/it'
+# A ResNet-50 with literal widths pruned one-shot, shrunk, run through Shrunk.apply (224x224, batch 8).
+python3 -m benchmarks.shrink_resnet50 --repeats 30 \
+  --out "$OUT/shrink_resnet50_gpu.json" 2>&1 | grep -v 'it/s\|s/it\|round/s'
 # Compile time of the train step against adam's at depth (fresh process each; 120 s limit each).
 python3 -m benchmarks.compile_time --repeats 20 --limit 120 \
   --out "$OUT/compile_time_gpu.json" --plot "$OUT/compile_time_gpu.png" 2>&1 | grep -v 'it/s\|s/it'
