@@ -29,7 +29,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 class ZooNet(nn.Module):
-  """Widths written as literals, as model zoos write them: no width arguments."""
+  """Widths written as literals, as model zoos write them: no width arguments.
+
+  BatchNorm, a residual block, a block with a projection shortcut, a
+  depthwise convolution, and attention over positions whose heads come from
+  a reshape (BERT's way), then a classifier.
+  """
 
   @nn.compact
   def __call__(self, x):
@@ -37,8 +42,13 @@ class ZooNet(nn.Module):
     x = nn.relu(bn()(nn.Conv(16, (3, 3))(x)))
     y = nn.relu(bn()(nn.Conv(12, (3, 3))(x)))
     x = nn.relu(x + bn()(nn.Conv(16, (3, 3))(y)))
-    x = nn.Conv(16, (3, 3), feature_group_count=16)(x)  # Depthwise.
-    return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+    y = nn.relu(bn()(nn.Conv(8, (3, 3), strides=2)(x)))  # Projection shortcut: 16 -> 24.
+    x = nn.relu(bn()(nn.Conv(24, (1, 1), strides=2)(x)) + bn()(nn.Conv(24, (3, 3))(y)))
+    x = nn.Conv(24, (3, 3), feature_group_count=24)(x)  # Depthwise.
+    tokens = x.reshape(x.shape[0], -1, 24)
+    q, k, v = (nn.Dense(16)(tokens).reshape(x.shape[0], -1, 4, 4) for _ in range(3))
+    tokens = tokens + nn.Dense(24)(models._attention(q, k, v))  # pylint: disable=protected-access
+    return nn.Dense(10)(jnp.mean(tokens, axis=1))
 
 
 def _linen(model, x, with_state):
