@@ -24,6 +24,7 @@ from optax_prune import _distributions
 from optax_prune import _granularity
 from optax_prune import _paths
 from optax_prune import _plan
+from optax_prune import _schedules
 from optax_prune import _scores
 from optax_prune import _thresholds
 from optax_prune import _transform
@@ -148,7 +149,7 @@ def prune(
     state = tx.init(ranked_tree)
     if grads is None:
       grads = jax.tree.map(jnp.zeros_like, ranked_tree)
-    _, state = _compiled_update(config, tx, coupled)(grads, state, ranked_tree)
+    _, state = _compiled_update(config, rule, coupled)(grads, state, ranked_tree)
     masks = state.masks
   mask_leaves = plan.treedef.flatten_up_to(masks)
   pruned = [jnp.where(m, x, jnp.zeros((), x.dtype)) if p else x
@@ -168,31 +169,61 @@ def check_sparsity(sparsity: Any) -> None:
       _checks.fraction("sparsity", value)
 
 
-# Jitted mask updates by the value of their config: calls with equal options
-# and params of equal shapes (iterative pruning, a sweep) compile once.
+# Jitted mask updates by the value of their config, sparsities left out:
+# calls with equal options and params of equal shapes (iterative pruning, a
+# sweep over sparsities) compile once.
 _COMPILED: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 _COMPILED_MAX = 16
 
 
-def _compiled_update(config: _config.PruningConfig, tx, coupled: Any = None) -> Any:
-  """``jax.jit(tx.update)``, shared by the calls whose configs (and coupled
-  channel groups, by identity) are equal."""
+def _compiled_update(config: _config.PruningConfig, rule: Any, coupled: Any = None) -> Any:
+  """``update(grads, state, params)``: the mask update of ``config`` jitted,
+  shared by the calls whose configs (and coupled channel options, over the
+  same groups) are equal but for the sparsities of their constant schedules.
+
+  Those sparsities are an argument of the compiled function (the schedules
+  are evaluated on traced values in any case), so a new sparsity does not
+  compile again.
+  """
+  schedules, treedef = jax.tree_util.tree_flatten(config.schedule,
+                                                  is_leaf=_config.is_schedule_leaf)
+  constant = [isinstance(s, _schedules.ConstantSchedule) for s in schedules]
+  values = jnp.asarray([s.sparsity for s, c in zip(schedules, constant) if c], jnp.float32)
+  erased = dataclasses.replace(config, schedule=treedef.unflatten(
+      [dataclasses.replace(s, sparsity=0.0) if c else s for s, c in zip(schedules, constant)]))
+
+  def update(sparsities, grads, state, params):
+    filled = iter(sparsities)
+    traced = dataclasses.replace(erased, schedule=treedef.unflatten(
+        [dataclasses.replace(s, sparsity=next(filled)) if c else s
+         for s, c in zip(jax.tree_util.tree_leaves(erased.schedule,
+                                                   is_leaf=_config.is_schedule_leaf), constant)]))
+    return _transform.masking(traced, rule, warn_whole=False).update(grads, state, params)
+
   fields = []
-  for field in dataclasses.fields(config):
-    leaves, treedef = jax.tree_util.tree_flatten(
-        getattr(config, field.name), is_leaf=lambda x: x is None)
-    fields.append((treedef, tuple(leaves)))
+  for field in dataclasses.fields(erased):
+    if coupled is not None and field.name == "where":
+      continue  # The groups' own `selects`: the groups are in the key.
+    leaves, fields_treedef = jax.tree_util.tree_flatten(
+        getattr(erased, field.name), is_leaf=lambda x: x is None)
+    fields.append((fields_treedef, tuple(leaves)))
+  if coupled is not None and not coupled.activation_norms:
+    # Equal options over the same groups (a new `coupled_channels(groups)` at
+    # each call of a sweep): the cached update keeps those groups alive, so
+    # their ids cannot name other groups while it is cached.
+    coupled = (tuple(map(id, coupled.groups)), coupled.norm, coupled.round_to,
+               coupled.importance)
   key = (tuple(fields), coupled)
   try:
     hash(key)
   except TypeError:  # An unhashable option (a list of rules, say): no sharing.
-    return jax.jit(tx.update)
+    return functools.partial(jax.jit(update), values)
   if key not in _COMPILED:
-    _COMPILED[key] = jax.jit(tx.update)
+    _COMPILED[key] = jax.jit(update)
     while len(_COMPILED) > _COMPILED_MAX:
       _COMPILED.popitem(last=False)
   _COMPILED.move_to_end(key)
-  return _COMPILED[key]
+  return functools.partial(_COMPILED[key], values)
 
 
 def _coupled_for_prune(coupled: Any, grads: Any, input_norms: Optional[dict]) -> Any:

@@ -132,9 +132,35 @@ def test_calls_with_equal_options_and_shapes_compile_once():
   params = [{"w": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)} for _ in range(3)]
   _oneshot._COMPILED.clear()  # Other tests of this worker may have filled the LRU.
   before = len(_oneshot._COMPILED)
-  for p in params:
-    _, masks = optax_prune.prune(p, 0.4, threshold="bisect", scope="global")
-    assert int((~masks["w"]).sum()) == reference.prune_count(0.4, 30)
+  # A sweep over sparsities too: they are an argument of the compiled update.
+  for p, sparsity in zip(params + params, (0.4, 0.4, 0.4, 0.1, 0.75, 1.0)):
+    _, masks = optax_prune.prune(p, sparsity, threshold="bisect", scope="global")
+    assert int((~masks["w"]).sum()) == reference.prune_count(sparsity, 30)
+    np.testing.assert_array_equal(masks["w"], reference.keep_masks([p["w"]], sparsity)[0])
   assert len(_oneshot._COMPILED) == before + 1
   (update,) = [u for u in _oneshot._COMPILED.values()][-1:]
   assert update._cache_size() == 1
+
+
+def test_a_coupled_channel_sweep_compiles_once():
+  # A new `coupled_channels(groups)` per call, over the same groups: shared.
+  rng = np.random.default_rng(4)
+  params = {"a": {"kernel": jnp.asarray(rng.standard_normal((5, 8)), jnp.float32)},
+            "b": {"kernel": jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)}}
+  groups = optax_prune.channel_groups(
+      lambda p, x: jax.nn.relu(x @ p["a"]["kernel"]) @ p["b"]["kernel"], params, jnp.ones((2, 5)))
+  _oneshot._COMPILED.clear()
+  previous = np.ones(8, bool)
+  # Reference: smallest sum of the members' channel L2 norms first.
+  norms = (np.linalg.norm(np.asarray(params["a"]["kernel"]), axis=0)
+           + np.linalg.norm(np.asarray(params["b"]["kernel"]), axis=1))
+  for sparsity in (0.25, 0.5, 0.75):
+    _, masks = optax_prune.prune(params, sparsity,
+                                 granularity=optax_prune.coupled_channels(groups))
+    kept = np.asarray(masks["a"]["kernel"]).all(0)
+    np.testing.assert_array_equal(kept, np.isin(np.arange(8), np.argsort(norms)[
+        reference.prune_count(sparsity, 8):]))
+    assert not (kept & ~previous).any()
+    previous = kept
+  assert len(_oneshot._COMPILED) == 1
+  assert next(iter(_oneshot._COMPILED.values()))._cache_size() == 1
