@@ -10,6 +10,7 @@ model (flax linen, nnx, plain functions), whatever activation comes before.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
@@ -103,6 +104,43 @@ def _sum_squares(x: jax.Array, k: int) -> jax.Array:
 _NORMS = _Statistic(_sum_squares, _sum_squares)
 
 
+# Jitted statistic sums by (fn, params structure, statistic), as `jax.jit`
+# caches by function: the blocks of a sequential walk that share a forward
+# function and shapes compile once, not once per block and call.
+_SUMS: "collections.OrderedDict[Any, tuple]" = collections.OrderedDict()
+_SUMS_MAX = 16
+
+
+def _compiled_sums(fn: Callable[..., Any], treedef: Any, statistic: "_Statistic") -> tuple:
+  """``(run, found)``: ``run(leaves, batch)`` sums ``statistic`` of each
+  weight's input; ``found[i]``, filled when ``run`` is traced, holds leaf
+  ``i``'s (contracting axes, output axes)."""
+  key = (fn, treedef, statistic)
+  try:
+    hash(key)
+  except TypeError:  # An unhashable callable: no sharing.
+    key = None
+  if key is not None and key in _SUMS:
+    _SUMS.move_to_end(key)
+    return _SUMS[key]
+  found: dict[int, tuple] = {}  # Leaf index -> (contracting axes, output axes).
+
+  def sums(flat, batch):
+    closed = jax.make_jaxpr(lambda f, b: fn(treedef.unflatten(f), b))(flat, batch)
+    owner = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(flat)])}
+    totals: dict[int, jax.Array] = {}
+    _walk(closed.jaxpr, closed.consts, [*flat, *jax.tree.leaves(batch)], owner, totals, found,
+          statistic)
+    return totals
+
+  entry = (jax.jit(sums), found)
+  if key is not None:
+    _SUMS[key] = entry
+    while len(_SUMS) > _SUMS_MAX:
+      _SUMS.popitem(last=False)
+  return entry
+
+
 def _collect(fn: Callable[..., Any], params: Any, batches: Iterable[Any],
              statistic: _Statistic) -> tuple:
   """Evaluates ``fn``'s jaxpr on each batch, summing ``statistic`` of each
@@ -114,17 +152,7 @@ def _collect(fn: Callable[..., Any], params: Any, batches: Iterable[Any],
   """
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaves = [x for _, x in path_leaves]
-  found: dict[int, tuple] = {}  # Leaf index -> (contracting axes, output axes).
-
-  def sums(flat, batch):
-    closed = jax.make_jaxpr(lambda f, b: fn(treedef.unflatten(f), b))(flat, batch)
-    owner = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(flat)])}
-    totals: dict[int, jax.Array] = {}
-    _walk(closed.jaxpr, closed.consts, [*flat, *jax.tree.leaves(batch)], owner, totals, found,
-          statistic)
-    return totals
-
-  run = jax.jit(sums)
+  run, found = _compiled_sums(fn, treedef, statistic)
   totals: dict[int, np.ndarray] = {}
   dtypes: dict[int, Any] = {}
   for batch in batches:

@@ -140,3 +140,21 @@ def test_a_weight_cast_before_its_matmul_is_found_and_grouped_convs_are_left_out
                                                    feature_group_count=2)
   images = jnp.ones((2, 4, 3, 3))
   assert optax_prune.input_norms(conv, {"k": jnp.ones((4, 2, 1, 1))}, [images]) == {}
+
+
+def test_calls_with_one_forward_function_and_shapes_compile_once():
+  # A sequential walk calls it per block: blocks sharing `fn` and shapes share
+  # the compiled sums, and each call still reads its own params and batches.
+  from optax_prune import _activations  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  fn = lambda p, x: jnp.tanh(x @ p["w"])
+  _activations._SUMS.clear()
+  for _ in range(3):
+    params = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    norms = optax_prune.input_norms(fn, params, [x, 2 * x])
+    np.testing.assert_allclose(norms["['w']"].norm[:, 0], np.sqrt(5 * (x ** 2).sum(0)), rtol=1e-6)
+    h = optax_prune.hessians(fn, params, [x])
+    np.testing.assert_allclose(h["['w']"].matrix, x.T.astype(np.float64) @ x, rtol=1e-5)
+  assert len(_activations._SUMS) == 2  # One per statistic.
+  assert all(run._cache_size() == 1 for run, _ in _activations._SUMS.values())
