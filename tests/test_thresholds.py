@@ -57,7 +57,7 @@ def test_layer_masks_match_reference(x, sparsity, dtype):
   _assert_matches_reference([x], sparsity)
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(
     leaves=st.lists(hnp.arrays(np.float32, _shapes, elements=_values), max_size=3),
     sparsity=st.floats(0.0, 1.0, width=32),
