@@ -1,6 +1,6 @@
 """Trains a pruned model for a number of steps, optionally from a checkpoint.
 
-Run by tests/test_checkpoint.py in fresh processes:
+Run by tests/test_checkpoint.py (a fresh process, or `main(argv)` in its own):
   python tests/checkpoint_run.py STEPS OUT_DIR [--save DIR [--save-at STEP]] [--restore DIR]
 Each method runs in turn, in one process: gradual pruning with both mask layouts
 (bool, packed), RigL and straight-through masks; OUT_DIR/METHOD.npz, checkpoints
@@ -75,14 +75,14 @@ def run(steps: int, out: str, save, restore, method: str, save_at=None):
               optax_prune.unpack_masks(pstate.masks, params).items() if k in ("w", "v")})
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("steps", type=int)
   parser.add_argument("out_dir")
   parser.add_argument("--save")
   parser.add_argument("--save-at", type=int, help="steps before the checkpoint (default: STEPS)")
   parser.add_argument("--restore")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   for method in METHODS:
     under = lambda folder: folder and os.path.join(folder, method)
     run(args.steps, os.path.join(args.out_dir, f"{method}.npz"), under(args.save),

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_prune
+from tests import checkpoint_run
 
 SCRIPT = pathlib.Path(__file__).parent / "checkpoint_run.py"
 ROOT = SCRIPT.parent.parent
@@ -35,9 +36,10 @@ def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
   runs = {name: tmp_path / name for name in ("straight", "resumed")}
   for folder in runs.values():
     folder.mkdir()
-  # The straight run takes the checkpoint on its way (one process fewer to
-  # start and compile); the resumed run restores it in a new process.
-  _run(60, runs["straight"], "--save", tmp_path / "ckpt", "--save-at", 25)
+  # The straight run, here, takes the checkpoint on its way; the resumed run
+  # restores it in a new process.
+  checkpoint_run.main(list(map(str, (60, runs["straight"], "--save", tmp_path / "ckpt",
+                                     "--save-at", 25))))
   _run(35, runs["resumed"], "--restore", tmp_path / "ckpt")
   for layout in ("bool", "packed", "rigl", "ste"):
     straight = np.load(runs["straight"] / f"{layout}.npz")
