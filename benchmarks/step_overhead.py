@@ -45,10 +45,20 @@ class MLP(nn.Module):
     return nn.Dense(10)(x)
 
 
+class TinyMLP(nn.Module):
+  """16 -> 16 -> 10: the smoke test's model (two small kernels, less to compile)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10)(nn.relu(nn.Dense(16)(x)))
+
+
 MODELS = {
     "digits-cnn": (demo_digits.CNN, (8, 8, 1)),
     "mlp-3.7M": (MLP, (784,)),
+    "tiny-mlp": (TinyMLP, (16,)),
 }
+DEFAULT_MODELS = ("digits-cnn", "mlp-3.7M")  # What RESULTS reports; tiny-mlp is the smoke test's.
 
 
 def make_step(model, tx, update_masks=None):
@@ -123,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=50)
-  parser.add_argument("--models", nargs="+", default=list(MODELS),
+  parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
                       choices=list(MODELS))
   parser.add_argument("--compile-thresholds", action="store_true",
                       help="also time the compile of the step for every threshold method")

@@ -329,8 +329,9 @@ set_training.__doc__ += _DST_ARGS + r"""
     >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
     >>> tx = optax_prune.set_training(optax.sgd(0.1), 0.5, end_step=50, frequency=5)
     >>> state = tx.init(params)
+    >>> update = jax.jit(tx.update)  # One compile: a mask update is a `lax.cond`.
     >>> for _ in range(10):
-    ...   updates, state = tx.update(params, state, params)
+    ...   updates, state = update(params, state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> masks = optax_prune.find_pruning_state(state).masks
     >>> int(jnp.sum(~masks["w"]))  # Exactly half pruned; grown weights start at 0.

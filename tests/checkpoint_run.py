@@ -1,10 +1,10 @@
 """Trains a pruned model for a number of steps, optionally from a checkpoint.
 
-Run by tests/test_checkpoint.py in fresh processes:
-  python tests/checkpoint_run.py STEPS OUT_DIR [--save DIR] [--restore DIR]
+Run by tests/test_checkpoint.py (a fresh process, or `main(argv)` in its own):
+  python tests/checkpoint_run.py STEPS OUT_DIR [--save DIR [--save-at STEP]] [--restore DIR]
 Each method runs in turn, in one process: gradual pruning with both mask layouts
 (bool, packed), RigL and straight-through masks; OUT_DIR/METHOD.npz, checkpoints
-under DIR/METHOD.
+under DIR/METHOD, taken after STEP of the STEPS steps (default: all of them).
 """
 
 import argparse
@@ -49,7 +49,7 @@ def make_step(tx):
   return step
 
 
-def run(steps: int, out: str, save, restore, method: str):
+def run(steps: int, out: str, save, restore, method: str, save_at=None):
   tx = make_tx(method)
   step = make_step(tx)
   params = initial_params()
@@ -60,11 +60,13 @@ def run(steps: int, out: str, save, restore, method: str):
     target = {"params": params, "opt_state": state}
     restored = checkpointer.restore(restore, target)
     params, state = restored["params"], restored["opt_state"]
-  for _ in range(steps):
-    params, state = step(params, state)
-  if save:
-    checkpointer.save(save, {"params": params, "opt_state": state})
-    checkpointer.wait_until_finished()
+  save_at = steps if save_at is None else save_at
+  for i in range(steps + 1):
+    if save and i == save_at:
+      checkpointer.save(save, {"params": params, "opt_state": state})
+      checkpointer.wait_until_finished()
+    if i < steps:
+      params, state = step(params, state)
   pstate = optax_prune.find_pruning_state(state)
   np.savez(out, count=np.asarray(pstate.count),
            **{f"param_{k}": np.asarray(v) for k, v in params.items()},
@@ -73,17 +75,18 @@ def run(steps: int, out: str, save, restore, method: str):
               optax_prune.unpack_masks(pstate.masks, params).items() if k in ("w", "v")})
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("steps", type=int)
   parser.add_argument("out_dir")
   parser.add_argument("--save")
+  parser.add_argument("--save-at", type=int, help="steps before the checkpoint (default: STEPS)")
   parser.add_argument("--restore")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   for method in METHODS:
     under = lambda folder: folder and os.path.join(folder, method)
     run(args.steps, os.path.join(args.out_dir, f"{method}.npz"), under(args.save),
-        under(args.restore), method)
+        under(args.restore), method, args.save_at)
 
 
 if __name__ == "__main__":

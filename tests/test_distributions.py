@@ -21,7 +21,7 @@ _shapes = st.lists(
     min_size=1, max_size=6)
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(shapes=_shapes, sparsity=st.floats(0, 1, width=32))
 def test_erk_counts_are_exact_bounded_and_follow_the_formula(shapes, sparsity):
   sizes = [int(np.prod(s)) for s in shapes]

@@ -43,7 +43,7 @@ _trees = st.recursive(
 
 # Small leaves at high sparsity are pruned whole: warned about, tested in test_bad_inputs.
 @pytest.mark.filterwarnings("ignore:.*pruned whole:UserWarning")
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(tree=_trees, sparsity=st.floats(0, 1, width=32),
        scope=st.sampled_from(["layer", "global"]),
        threshold=st.sampled_from(["sort", "bisect", "histogram", "auto"]))

@@ -57,7 +57,7 @@ def test_layer_masks_match_reference(x, sparsity, dtype):
   _assert_matches_reference([x], sparsity)
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(
     leaves=st.lists(hnp.arrays(np.float32, _shapes, elements=_values), max_size=3),
     sparsity=st.floats(0.0, 1.0, width=32),
@@ -163,7 +163,11 @@ def test_exact_count_and_order_for_a_1e8_entry_leaf(method):
   del index
   k = reference.prune_count(np.float32(0.7), n)
   assert k == 69_999_999 and int(np.float32(0.7) * np.float32(n)) == 70_000_000
-  pruned = ~_masks([x], np.float32(0.7), method)[0].reshape(-1)
+  # Compiled at XLA's default backend optimisation (the suite compiles at 0):
+  # unoptimised loops over 10**8 entries took 5x as long; the masks are the same.
+  keep_masks = jax.jit(functools.partial(_thresholds.keep_masks, threshold=method),
+                       compiler_options={"xla_backend_optimization_level": 3})
+  pruned = ~np.asarray(keep_masks([jnp.asarray(x)], np.float32(0.7))[0]).reshape(-1)
   x = x.reshape(-1)
   # These three facts determine the mask: the count, smaller before larger,
   # and ties at the threshold pruned in flat-index order.

@@ -1,18 +1,24 @@
 """The LLM one-shot benchmark (magnitude, Wanda, SparseGPT; all at once and
 sequential) runs end to end at a tiny size and saves well-formed JSON."""
 
+import functools
 import json
 import math
 
 import pytest
 
+from benchmarks import accuracy
 from benchmarks import llm_oneshot
 
 ROWS = [("magnitude", "all at once"), ("wanda", "all at once"), ("wanda", "sequential"),
         ("sparsegpt", "all at once"), ("sparsegpt", "sequential")]
 
 
-def test_json_is_well_formed(tmp_path):
+def test_json_is_well_formed(tmp_path, monkeypatch):
+  # A one-block model of width 16 (as the chars task's smoke test): fewer and
+  # smaller kernels to compile and prune; sequential still has a block and the head.
+  monkeypatch.setattr(accuracy, "CharTransformer", functools.partial(
+      accuracy.CharTransformer, depth=1, width=16, context=16))
   out = tmp_path / "llm_oneshot.json"
   result = llm_oneshot.main(["--quick", "--out", str(out)])
   saved = json.loads(out.read_text())
