@@ -37,6 +37,11 @@ def _loss(model, x):
   return jnp.mean(model(x) ** 2)
 
 
+@nnx.jit
+def _train_step(model, optimizer, x):
+  optimizer.update(model, nnx.grad(_loss)(model, x))
+
+
 def _trained_block():
   model = Block(8, 4, nnx.Rngs(0))
   model.eval()
@@ -51,7 +56,7 @@ def _trained_block():
       0.5, granularity=optax_prune.coupled_channels(chosen)))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   for _ in range(2):
-    optimizer.update(model, nnx.grad(_loss)(model, x))
+    _train_step(model, optimizer, x)
   return model, optimizer, groups, chosen, x
 
 
@@ -100,7 +105,7 @@ def test_nnx_module_shrinks_in_place_with_its_widths_and_optimizer_and_trains_on
 
   # The same optimizer goes on: a step changes the weights, none pruned again.
   before = np.asarray(model.up.kernel[...])
-  optimizer.update(model, nnx.grad(_loss)(model, x))
+  _train_step(model, optimizer, x)
   after = np.asarray(model.up.kernel[...])
   assert after.shape == (6, 4) and not np.array_equal(after, before)
   assert np.all(np.abs(after).sum(0) > 0)
