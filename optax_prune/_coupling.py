@@ -892,12 +892,18 @@ def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
     >>> small.apply(small.params, x).shape  # The smaller model, as traced.
     (3, 2)
   """
-  chosen = checked_groups(groups, "groups")
+  return shrink_with_cuts(checked_groups(groups, "groups"), params, state)[0]
+
+
+def shrink_with_cuts(chosen: Sequence[ChannelGroup], params: Any,
+                     state: Any) -> tuple[Shrunk, dict]:
+  """:func:`shrink` of checked groups, and its :func:`channel_cuts` (for
+  other trees shaped like the params, an optimizer's state)."""
   cuts, sizes = channel_cuts(chosen, params, state)
   small_params, small_state = cut(cuts, PARAMS, params), cut(cuts, STATE, state)
   traces = {id(g.trace): g.trace for g in chosen}
   if len(traces) != 1 or None in traces.values():
-    return Shrunk(small_params, small_state, sizes)
+    return Shrunk(small_params, small_state, sizes), cuts
   (trace,) = traces.values()
   graph = trace.graph
   new_sizes = {}
@@ -911,13 +917,13 @@ def shrink(groups: Any, params: Any, state: Any = None) -> Shrunk:
     diff = _small_model.check(trace, apply, params, state, small_params, small_state)
   except _small_model.Mismatch as e:
     warnings.warn(f"`shrink` cannot give a callable for this model: {e}", UserWarning,
-                  stacklevel=2)
+                  stacklevel=3)
     message = str(e)
 
     def apply(*args):  # pylint: disable=function-redefined
       raise ValueError(message)
     diff = float("nan")
-  return Shrunk(small_params, small_state, sizes, apply, diff)
+  return Shrunk(small_params, small_state, sizes, apply, diff), cuts
 
 
 def channel_cuts(chosen: Sequence[ChannelGroup], params: Any, state: Any) -> tuple[dict, dict]:

@@ -127,8 +127,7 @@ def shrink_module(model: Any, groups: Any, optimizer: Any = None) -> _coupling.S
   # nnx.split's states share the module's variables: hold the arrays themselves.
   params, rest = jax.tree.map(lambda x: x, nnx.split(model, nnx.Param, ...)[1:])
   chosen = _coupling.checked_groups(groups, "groups")
-  small = _coupling.shrink(chosen, params, rest)
-  cuts = _coupling.channel_cuts(chosen, params, rest)[0]
+  small, cuts = _coupling.shrink_with_cuts(chosen, params, rest)
   before = {path: _int_attributes(module) for path, module in nnx.iter_modules(model)}
   nnx.update(model, small.params, small.state)
   try:
@@ -170,17 +169,18 @@ def _shrink_optimizer(optimizer: Any, cuts: dict, params: Any) -> None:
             for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   state = nnx.state(optimizer, nnx.OptState)
 
+  shape_at = {path: np.shape(x) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
   def member(path):
     keys = _paths.normalized(path)
+    # Longest suffix first: ['opt_state'][0][0]['mu']['up']['kernel'] -> ['up']['kernel'].
     for start in range(len(keys)):
       name = jax.tree_util.keystr(tuple(keys[start:]))
-      if name in shapes:
+      if shapes.get(name) == shape_at[path]:
         return name
     return None
 
-  leaves = dict(jax.tree_util.tree_flatten_with_path(state)[0])
-  path_of = lambda path: member(path) if np.shape(leaves[path]) == shapes.get(member(path)) else None
-  nnx.update(optimizer, _coupling.cut(cuts, _coupling.PARAMS, state, path_of=path_of))
+  nnx.update(optimizer, _coupling.cut(cuts, _coupling.PARAMS, state, path_of=member))
 
 
 def linen_widths(params: Any, small_params: Any) -> dict[str, dict[str, int]]:

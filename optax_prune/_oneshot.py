@@ -189,16 +189,18 @@ def _compiled_update(config: _config.PruningConfig, rule: Any, coupled: Any = No
                                                   is_leaf=_config.is_schedule_leaf)
   constant = [isinstance(s, _schedules.ConstantSchedule) for s in schedules]
   values = jnp.asarray([s.sparsity for s, c in zip(schedules, constant) if c], jnp.float32)
-  erased = dataclasses.replace(config, schedule=treedef.unflatten(
-      [dataclasses.replace(s, sparsity=0.0) if c else s for s, c in zip(schedules, constant)]))
+
+  def with_sparsities(sparsities) -> _config.PruningConfig:
+    filled = iter(sparsities)
+    return dataclasses.replace(config, schedule=treedef.unflatten(
+        [dataclasses.replace(s, sparsity=next(filled)) if c else s
+         for s, c in zip(schedules, constant)]))
+
+  erased = with_sparsities([0.0] * len(values))  # What the cache key sees.
 
   def update(sparsities, grads, state, params):
-    filled = iter(sparsities)
-    traced = dataclasses.replace(erased, schedule=treedef.unflatten(
-        [dataclasses.replace(s, sparsity=next(filled)) if c else s
-         for s, c in zip(jax.tree_util.tree_leaves(erased.schedule,
-                                                   is_leaf=_config.is_schedule_leaf), constant)]))
-    return _transform.masking(traced, rule, warn_whole=False).update(grads, state, params)
+    tx = _transform.masking(with_sparsities(sparsities), rule, warn_whole=False)
+    return tx.update(grads, state, params)
 
   fields = []
   for field in dataclasses.fields(erased):
